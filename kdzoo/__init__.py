@@ -1,0 +1,22 @@
+"""kdzoo: a knowledge-distillation method zoo for PyTorch.
+
+The core knows no method and no backbone by name: both arrive through plugins
+(see :mod:`kdzoo.hookspecs`). ``import kdzoo`` never imports a plugin.
+"""
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("kdzoo")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0+unknown"
+
+
+class KDZooError(Exception):
+    """An error the user can fix. The CLI prints its message as one paragraph, without a traceback."""
+
+
+__all__ = ["KDZooError", "__version__"]
+
+from kdzoo.hookspecs import hookimpl  # noqa: E402  (plugins write `from kdzoo import hookimpl`)
+
+__all__ += ["hookimpl"]

@@ -1,0 +1,198 @@
+"""The ``kdzoo`` command.
+
+Every run option can come from a YAML file (``--config``); options given on the command line
+override it. User errors print one paragraph and exit 2, without a traceback (``--debug``
+shows it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from kdzoo import KDZooError, __version__
+from kdzoo.config import RunConfig, parse, parse_assignment, read_yaml
+from kdzoo.plugins import Registry, load_plugins
+
+console = Console()
+err_console = Console(stderr=True)
+
+# CLI option → (section, key) in the config mapping; section None = top level.
+RUN_OPTIONS: dict[str, tuple[str | None, str]] = {
+    "model": (None, "model"), "method": (None, "method"), "teacher": (None, "teacher"), "seed": (None, "seed"),
+    "device": (None, "device"), "out": (None, "out"),
+    "data": ("data", "source"), "data_root": ("data", "root"), "train_size": ("data", "train_size"),
+    "test_size": ("data", "test_size"), "val_size": ("data", "val_size"),
+    "epochs": ("recipe", "epochs"), "batch_size": ("recipe", "batch_size"), "lr": ("recipe", "lr"),
+    "schedule": ("recipe", "schedule"), "weight_decay": ("recipe", "weight_decay"),
+    "label_smoothing": ("recipe", "label_smoothing"), "autocast": ("recipe", "autocast"),
+}
+
+
+def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    default = argparse.SUPPRESS if suppress else None
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS if suppress else False,
+                        help="show tracebacks for errors")
+    parser.add_argument("-p", dest="plugin_flags", action="append", metavar="no:NAME", default=default,
+                        help="disable plugin NAME (entry-point or distribution name); repeatable")
+    parser.add_argument("--strict-plugins", action="store_true", default=argparse.SUPPRESS if suppress else False,
+                        help="fail when any plugin is broken instead of skipping it")
+
+
+def _run_options(parser: argparse.ArgumentParser, distill: bool) -> None:
+    parser.add_argument("--config", metavar="FILE", help="YAML file with any of the options below (CLI wins)")
+    if distill:
+        parser.add_argument("--teacher", metavar="CKPT", help="teacher checkpoint from `kdzoo train`")
+        parser.add_argument("--student", dest="model", metavar="MODEL", help="student backbone, e.g. resnet8x4")
+        parser.add_argument("--method", help="distillation method (default: kd); see `kdzoo methods`")
+    else:
+        parser.add_argument("--model", help="backbone to train, e.g. resnet20; see `kdzoo models`")
+    parser.add_argument("--set", dest="hparams", action="append", default=[], metavar="KEY=VALUE",
+                        help="method hyperparameter, e.g. --set T=2 (repeatable)")
+    parser.add_argument("--model-option", dest="model_options", action="append", default=[], metavar="KEY=VALUE",
+                        help="backbone factory option, e.g. --model-option cifar_stem=true")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--schedule", help="cosine, multistep, onecycle or constant")
+    parser.add_argument("--weight-decay", type=float)
+    parser.add_argument("--label-smoothing", type=float)
+    parser.add_argument("--autocast", help="auto, off or bf16")
+    parser.add_argument("--train-size", type=int, help="stratified training subset (default: all 50,000)")
+    parser.add_argument("--test-size", type=int, help="stratified test subset (default: all 10,000)")
+    parser.add_argument("--val-size", type=int, help="validation images held out of the training set")
+    parser.add_argument("--data", metavar="SOURCE", help="auto, torchvision, or a path to cifar10.npz (default: $KDZOO_DATA, else torchvision)")
+    parser.add_argument("--data-root", help="torchvision download folder (default: ~/.cache/kdzoo)")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--out", metavar="DIR", help="output folder for checkpoint.pt and metrics.json")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kdzoo", description="Knowledge-distillation method zoo for PyTorch.")
+    parser.add_argument("--version", action="version", version=f"kdzoo {__version__}")
+    _common(parser, suppress=False)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        _common(p, suppress=True)
+        return p
+
+    p = add("plugins", "list plugins with their distribution, version, registrations and errors")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    add("methods", "list distillation methods with their needs and default hyperparameters")
+    p = add("models", "list registered backbones")
+    p.add_argument("pattern", nargs="?", help="glob pattern, e.g. 'resnet*'")
+    _run_options(add("train", "train a network with cross-entropy (a teacher, or a baseline)"), distill=False)
+    _run_options(add("distill", "distil a student from a teacher checkpoint"), distill=True)
+    return parser
+
+
+def _disabled(flags: list[str] | None) -> list[str]:
+    names = []
+    for flag in flags or []:
+        if not flag.startswith("no:") or len(flag) <= 3:
+            raise KDZooError(f"-p expects no:NAME to disable a plugin (like pytest), got '-p {flag}'.")
+        names.append(flag[3:])
+    return names
+
+
+def run_config(args: argparse.Namespace, command: str) -> RunConfig:
+    """Merge the YAML file (if any) and the command-line options into a validated RunConfig."""
+    mapping: dict[str, Any] = read_yaml(args.config) if args.config else {}
+    for option, (section, key) in RUN_OPTIONS.items():
+        value = getattr(args, option, None)
+        if value is not None:
+            (mapping.setdefault(section, {}) if section else mapping)[key] = value
+    if command == "distill":
+        mapping.setdefault("method", "kd")
+    for field_name, pairs in (("hparams", args.hparams), ("model_options", args.model_options)):
+        if pairs:
+            mapping[field_name] = {**mapping.get(field_name, {}), **dict(parse_assignment(p) for p in pairs)}
+    cfg = parse(RunConfig, mapping)
+    if not cfg.model:
+        flag = "--student" if command == "distill" else "--model"
+        raise KDZooError(f"No model given: pass {flag} NAME (see `kdzoo models`) or set `model:` in the config file.")
+    if "out" not in mapping:
+        cfg.out = f"runs/{cfg.model}-{cfg.method}-s{cfg.seed}"
+    return cfg
+
+
+def cmd_plugins(args: argparse.Namespace, registry: Registry) -> None:
+    if args.json:
+        print(json.dumps([vars(p) | {"status": p.status} for p in registry.plugins], indent=1))
+        return
+    table = Table(title="kdzoo plugins")
+    for col in ("plugin", "distribution", "version", "status", "methods", "models"):
+        table.add_column(col)
+    for p in registry.plugins:
+        models = f"{len(p.models)} ({', '.join(p.models[:4])}{', …' if len(p.models) > 4 else ''})" if p.models else ""
+        status = {"ok": "[green]ok[/]", "disabled": "[yellow]disabled[/]"}.get(p.status, f"[red]broken[/]: {p.error}")
+        table.add_row(p.name, p.dist, p.version, status, ", ".join(p.methods), models)
+    console.print(table)
+
+
+def cmd_methods(args: argparse.Namespace, registry: Registry) -> None:
+    table = Table(title="kdzoo methods")
+    for col in ("method", "plugin", "needs", "defaults"):
+        table.add_column(col)
+    for name, cls in sorted(registry.methods.items()):
+        needs = [n for n, f in (("teacher", cls.needs_teacher), ("features", cls.needs_features),
+                                ("embedding", cls.needs_embedding)) if f]
+        defaults = ", ".join(f"{k}={v}" for k, v in cls.defaults.items())
+        table.add_row(name, registry.owner[("method", name)], ", ".join(needs) or "-", defaults)
+    console.print(table)
+
+
+def cmd_models(args: argparse.Namespace, registry: Registry) -> None:
+    names = registry.model_names(args.pattern)
+    if not names:
+        raise KDZooError(f"No registered model matches '{args.pattern}'. Patterns are globs, e.g. 'resnet*' or '*cifar*'.")
+    console.print("\n".join(names), soft_wrap=True)
+    err_console.print(f"[dim]{len(names)} model(s)[/]")
+
+
+def cmd_run(args: argparse.Namespace, registry: Registry) -> None:
+    from kdzoo.progress import RichProgress
+    from kdzoo.runner import run_single
+
+    cfg = run_config(args, args.command)
+    result = run_single(cfg, registry, RichProgress(err_console))
+    if result["status"] != "ok":
+        raise KDZooError(f"The run failed: {result['error']} (metrics so far are in {cfg.out}/metrics.json)")
+    last, best = result["last"], result["best"]
+    console.print(
+        f"[bold]{result['label']}[/]: last-epoch top-1 {last['top1']:.2f}%, best {best['top1']:.2f}% "
+        f"(epoch {best['epoch']}), top-5 {last['top5']:.2f}%, macro F1 {last['f1']:.2f}%"
+        + (f", teacher agreement {last['agreement']:.2f}%" if "agreement" in last else "")
+        + f". Wrote {cfg.out}/checkpoint.pt and metrics.json."
+    )
+
+
+COMMANDS = {"plugins": cmd_plugins, "methods": cmd_methods, "models": cmd_models, "train": cmd_run, "distill": cmd_run}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.registry = load_plugins(disable=_disabled(args.plugin_flags), strict=args.strict_plugins)
+        COMMANDS[args.command](args, args.registry)
+    except KDZooError as e:
+        if args.debug:
+            raise
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,327 @@
+"""One training loop. Training a teacher is distillation with no teacher (the ``ce`` method).
+
+A ``Trainer`` trains a *cohort*: one or more ``Member`` (student + method) pairs that share a
+teacher, a seed, a recipe and the data. Each batch is loaded and augmented once, the teacher
+runs once (with stage features only if some member needs them), and every member takes its
+own optimiser step. A solo run is a cohort of one, so a member trained in a cohort gives the
+same result as the same member trained alone (bit for bit on CPU; a test checks it):
+members are built from the same seed, see the same batches, and each keeps its own RNG state.
+
+A member whose loss becomes non-finite, or whose method raises, stops with a recorded error;
+the other members continue.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdzoo import KDZooError
+from kdzoo.config import Recipe
+from kdzoo.data import CifarData
+from kdzoo.methods import Method
+from kdzoo.metrics import classification_metrics
+from kdzoo.models import KDNet, Outputs
+
+
+class NonFiniteLoss(KDZooError):
+    """A loss term became NaN or infinite; the run stops rather than train on garbage."""
+
+
+class Progress:
+    """Receives training progress. The base class ignores everything (used by tests and libraries)."""
+
+    def run_start(self, labels: list[str], epochs: int, steps_per_epoch: int, start_epoch: int = 0) -> None: ...
+    def step(self, images: int) -> None: ...
+    def epoch_end(self, epoch: int, records: dict[str, dict[str, Any]]) -> None: ...
+    def run_end(self) -> None: ...
+
+
+@dataclass
+class Member:
+    """One student trained with one method inside a cohort."""
+
+    label: str
+    student: KDNet
+    method: Method
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    rng_state: torch.Tensor | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+    wall_time: float = 0.0
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise KDZooError(f"Unknown device '{device}'. Use auto, cpu, cuda or cuda:N.") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise KDZooError(f"Device '{device}' was requested but CUDA is not available here. Use --device cpu.")
+    return dev
+
+
+def autocast_dtype(recipe: Recipe, device: torch.device) -> torch.dtype | None:
+    """bf16 on GPUs that support it; never by default on CPU (without native bf16 it is ~20× slower)."""
+    if recipe.autocast == "off":
+        return None
+    if recipe.autocast == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def lr_factor(recipe: Recipe, steps_per_epoch: int):
+    """The schedule as a function of the optimiser step, for ``LambdaLR``."""
+    total = recipe.epochs * steps_per_epoch
+    warmup = int(recipe.warmup_epochs * steps_per_epoch)
+    milestones = [m * steps_per_epoch for m in recipe.milestones]
+
+    def factor(step: int) -> float:
+        if recipe.schedule == "onecycle":  # linear rise over 25% of the run, then cosine to ~0
+            peak = max(1, int(0.25 * total))
+            if step < peak:
+                return 0.04 + 0.96 * step / peak
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - peak) / max(1, total - peak))))
+        if step < warmup:
+            return (step + 1) / warmup
+        if recipe.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+        if recipe.schedule == "multistep":
+            return recipe.gamma ** sum(step >= m for m in milestones)
+        return 1.0
+
+    return factor
+
+
+def build_optimizer(member: Member, recipe: Recipe) -> torch.optim.Optimizer:
+    """SGD over the student's and the method's parameters; optionally no decay on BN and biases."""
+    params = [p for p in list(member.student.parameters()) + list(member.method.parameters()) if p.requires_grad]
+    if recipe.wd_on_bn_bias:
+        groups = [{"params": params, "weight_decay": recipe.weight_decay}]
+    else:
+        groups = [
+            {"params": [p for p in params if p.ndim > 1], "weight_decay": recipe.weight_decay},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+        ]
+    return torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov and recipe.momentum > 0)
+
+
+@contextlib.contextmanager
+def _member_rng(member: Member, device: torch.device):
+    """Give each member its own CPU RNG stream, so cohort and solo runs consume identical randomness."""
+    outer = torch.get_rng_state()
+    if member.rng_state is not None:
+        torch.set_rng_state(member.rng_state)
+    try:
+        yield
+    finally:
+        member.rng_state = torch.get_rng_state()
+        torch.set_rng_state(outer)
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+class Trainer:
+    """Trains a cohort of members on ``data`` following ``recipe``; see the module docstring."""
+
+    def __init__(
+        self,
+        members: list[Member],
+        data: CifarData,
+        recipe: Recipe,
+        *,
+        teacher: KDNet | None = None,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        progress: Progress | None = None,
+    ) -> None:
+        if not members:
+            raise ValueError("a cohort needs at least one member")
+        recipe.validate()
+        self.members, self.data, self.recipe, self.seed = members, data, recipe, seed
+        self.device = torch.device(device)
+        self.progress = progress or Progress()
+        self.teacher = teacher
+        self.amp = autocast_dtype(recipe, self.device)
+        self.memory_format = torch.channels_last if recipe.channels_last else torch.contiguous_format
+        self.steps_per_epoch = data.steps_per_epoch(recipe.batch_size)
+        for m in members:
+            if m.method.needs_teacher and teacher is None:
+                raise KDZooError(f"Method '{m.method.name}' needs a teacher; pass --teacher CHECKPOINT.")
+            m.student.to(self.device, memory_format=self.memory_format)
+            m.method.to(self.device)
+            m.method.label_smoothing = recipe.label_smoothing
+            if recipe.compile:
+                m.student.model.compile()
+            m.optimizer = m.optimizer or build_optimizer(m, recipe)
+            m.scheduler = m.scheduler or torch.optim.lr_scheduler.LambdaLR(m.optimizer, lr_factor(recipe, self.steps_per_epoch))
+            if m.rng_state is None:
+                m.rng_state = torch.get_rng_state()
+        if teacher is not None:
+            teacher.to(self.device, memory_format=self.memory_format).eval().requires_grad_(False)
+        self.need_features = any(m.method.needs_features for m in members)
+        self.need_embedding = any(m.method.needs_embedding for m in members)
+        self._teacher_pred: dict[str, torch.Tensor] = {}
+
+    # -- evaluation ---------------------------------------------------------------------------
+    def _autocast(self):
+        if self.amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp)
+
+    @torch.inference_mode()
+    def predict(self, net: KDNet, split: str) -> torch.Tensor:
+        """Logits of ``net`` on a whole split, in eval mode (float32)."""
+        was_training = net.training
+        net.eval()
+        out = []
+        for x, _ in self.data.eval_batches(split, self.recipe.eval_batch_size):
+            with self._autocast():
+                out.append(net(x.contiguous(memory_format=self.memory_format)).logits.float())
+        net.train(was_training)
+        return torch.cat(out)
+
+    def evaluate(self, member: Member) -> dict[str, dict[str, float]]:
+        results = {}
+        for split in ("test", "val") if len(self.data.val_y) else ("test",):
+            if self.teacher is not None and split not in self._teacher_pred:
+                self._teacher_pred[split] = self.predict(self.teacher, split).argmax(1)
+            labels = self.data.test_y if split == "test" else self.data.val_y
+            results[split] = classification_metrics(self.predict(member.student, split), labels, self._teacher_pred.get(split))
+        return results
+
+    # -- training -----------------------------------------------------------------------------
+    def _teacher_outputs(self, x: torch.Tensor) -> Outputs | None:
+        if self.teacher is None or not any(m.method.needs_teacher for m in self.active):
+            return None
+        with torch.inference_mode(), self._autocast():
+            out = self.teacher(x, features=self.need_features, embedding=self.need_embedding)
+        # Inference tensors cannot be saved for backward; a clone outside inference mode can.
+        return Outputs(
+            logits=out.logits.clone(),
+            features=[f.clone() for f in out.features] if out.features is not None else None,
+            embedding=out.embedding.clone() if out.embedding is not None else None,
+        )
+
+    @property
+    def active(self) -> list[Member]:
+        return [m for m in self.members if m.error is None]
+
+    def _step(self, m: Member, x: torch.Tensor, y: torch.Tensor, t_out: Outputs | None, sums: dict) -> torch.Tensor:
+        with _member_rng(m, self.device), self._autocast():
+            s_out = m.student(x, features=m.method.needs_features, embedding=m.method.needs_embedding)
+            terms = m.method(s_out, t_out if m.method.needs_teacher else None, y)
+        loss = sum(terms.values())
+        m.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        m.optimizer.step()
+        m.scheduler.step()
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + v.detach().float()
+        return loss.detach()
+
+    def _check_finite(self, m: Member, loss: torch.Tensor, sums: dict, epoch: int, step: int) -> None:
+        if not torch.isfinite(loss):
+            bad = [k for k, v in sums.items() if not torch.isfinite(v)]
+            raise NonFiniteLoss(
+                f"Run '{m.label}' stopped at epoch {epoch + 1}, step {step + 1}: the loss became non-finite "
+                f"(term{'s' if len(bad) > 1 else ''} {', '.join(bad) or 'total'}). Lower the learning rate or "
+                "the method's loss weights, or check the teacher checkpoint."
+            )
+
+    def train_epoch(self, epoch: int) -> None:
+        for m in self.active:
+            m.student.train()
+            m.method.train()
+            m.method.start_epoch(epoch, self.recipe.epochs)
+        sums: dict[str, dict] = {m.label: {} for m in self.members}
+        seen = 0
+        check_every = 1 if self.device.type == "cpu" else 50  # a finite check is a host sync on GPU
+        pending: dict[str, torch.Tensor] = {}
+        t_start = time.perf_counter()
+        batches = self.data.train_batches(self.seed, epoch, self.recipe.batch_size, flip=self.recipe.flip)
+        for step, (x, y) in enumerate(batches):
+            x = x.contiguous(memory_format=self.memory_format)
+            t_out = self._teacher_outputs(x)
+            for m in self.active:
+                try:
+                    loss = self._step(m, x, y, t_out, sums[m.label])
+                    pending[m.label] = pending.get(m.label, 0.0) + loss  # NaN and inf survive the sum
+                    if (step + 1) % check_every == 0:
+                        self._check_finite(m, pending.pop(m.label), sums[m.label], epoch, step)
+                except KDZooError as e:
+                    m.error = str(e)
+                except Exception as e:  # a plugin bug fails its own run, not the cohort
+                    m.error = f"Method '{m.method.name}' raised {type(e).__name__}: {e}"
+            seen += len(y)
+            self.progress.step(len(y))
+            if not self.active:
+                break
+        for m in self.active:
+            if m.label in pending:
+                try:
+                    self._check_finite(m, pending.pop(m.label), sums[m.label], epoch, self.steps_per_epoch - 1)
+                except KDZooError as e:
+                    m.error = str(e)
+        wall = time.perf_counter() - t_start
+        records = {}
+        for m in self.active:
+            m.wall_time += wall
+            record = {
+                "epoch": epoch + 1,
+                "lr": m.optimizer.param_groups[0]["lr"],
+                "loss": {k: (v / max(1, self.steps_per_epoch)).item() for k, v in sums[m.label].items()},
+                "train_img_per_s": seen / wall if wall > 0 else 0.0,
+                "epoch_time_s": wall,
+            }
+            record.update(self.evaluate(m))
+            m.history.append(record)
+            records[m.label] = record
+        self.progress.epoch_end(epoch, records)
+
+    def fit(self, start_epoch: int = 0) -> list[dict[str, Any]]:
+        """Train from ``start_epoch`` to the recipe's end; return one result dict per member."""
+        self.progress.run_start([m.label for m in self.members], self.recipe.epochs, self.steps_per_epoch, start_epoch)
+        try:
+            for epoch in range(start_epoch, self.recipe.epochs):
+                self.train_epoch(epoch)
+                if not self.active:
+                    break
+        finally:
+            self.progress.run_end()
+        return [self.result(m) for m in self.members]
+
+    def result(self, m: Member) -> dict[str, Any]:
+        """A JSON-able summary: status, history, last- and best-epoch metrics, sizes and speed."""
+        out: dict[str, Any] = {
+            "label": m.label,
+            "method": m.method.name,
+            "hparams": dict(m.method.hparams),
+            "status": "failed" if m.error else "ok",
+            "error": m.error,
+            "epochs_done": len(m.history),
+            "history": m.history,
+            "params": {"student": count_params(m.student), "method": count_params(m.method)},
+            "wall_time_s": m.wall_time,
+        }
+        if m.history:
+            # With a validation split the best epoch is chosen on it, not on the test set.
+            split = "val" if "val" in m.history[0] else "test"
+            best = max(m.history, key=lambda r: r[split]["top1"])
+            out["last"] = m.history[-1]["test"]
+            out["best"] = {"epoch": best["epoch"], "chosen_on": split, **best["test"]}
+            out["img_per_s"] = statistics.median(r["train_img_per_s"] for r in m.history)
+        return out

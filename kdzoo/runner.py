@@ -1,0 +1,123 @@
+"""Building blocks shared by ``kdzoo train``, ``kdzoo distill`` and the benchmark runner:
+students, teachers and methods from names, one run end to end, and its files on disk."""
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+import kdzoo
+from kdzoo import KDZooError
+from kdzoo.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from kdzoo.config import RunConfig
+from kdzoo.data import CifarData, prepare_data
+from kdzoo.engine import Member, Progress, Trainer, resolve_device
+from kdzoo.methods import Method
+from kdzoo.models import KDNet, NetInfo
+from kdzoo.plugins import Registry
+
+NUM_CLASSES = 10
+
+
+def build_student(registry: Registry, name: str, options: dict[str, Any], seed: int) -> KDNet:
+    """The backbone ``name`` with weights initialised from ``seed`` (same seed ⇒ same weights)."""
+    torch.manual_seed(seed)
+    return KDNet(registry.create_model(name, num_classes=NUM_CLASSES, **options))
+
+
+def build_method(
+    registry: Registry, name: str, hparams: dict[str, Any], student: NetInfo, teacher: NetInfo | None, seed: int
+) -> Method:
+    """The method ``name`` for this student/teacher pair; its own parameters are seeded too."""
+    cls = registry.method(name)
+    torch.manual_seed(seed + 1)
+    try:
+        return cls(student, teacher, **hparams)
+    except KDZooError:
+        raise
+    except Exception as e:
+        raise KDZooError(
+            f"Method '{name}' (plugin '{registry.owner[('method', name)]}') could not be built for this "
+            f"teacher/student pair: {type(e).__name__}: {e}"
+        ) from e
+
+
+def load_teacher(registry: Registry, path: str | Path) -> tuple[KDNet, dict[str, Any]]:
+    """A frozen teacher from a kdzoo checkpoint, and the checkpoint's metadata."""
+    ckpt = load_checkpoint(path)
+    net = KDNet(registry.create_model(ckpt["model"], num_classes=ckpt["num_classes"], **ckpt["model_options"]))
+    try:
+        net.model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        raise KDZooError(
+            f"Checkpoint {path} does not match model '{ckpt['model']}' as registered now: "
+            f"{str(e).splitlines()[0]} Was it written by a different version of the model's plugin?"
+        ) from e
+    return net.eval().requires_grad_(False), ckpt
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    import timm
+
+    return {
+        "kdzoo": kdzoo.__version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(),
+    }
+
+
+def data_from_config(cfg: RunConfig, device: torch.device) -> CifarData:
+    d = cfg.data
+    return prepare_data(d.source, d.root, d.train_size, d.test_size, d.val_size, d.subset_seed, device=device)
+
+
+def run_single(cfg: RunConfig, registry: Registry, progress: Progress | None = None) -> dict[str, Any]:
+    """Train (method ``ce``, no teacher) or distil one student; write checkpoint + metrics under ``cfg.out``."""
+    cfg.recipe.validate()
+    device = resolve_device(cfg.device)
+    method_cls = registry.method(cfg.method)
+    teacher, teacher_meta = (None, None)
+    if method_cls.needs_teacher:
+        if not cfg.teacher:
+            raise KDZooError(f"Method '{cfg.method}' distils from a teacher: pass --teacher CHECKPOINT (from `kdzoo train`).")
+        teacher, teacher_meta = load_teacher(registry, cfg.teacher)
+    student = build_student(registry, cfg.model, cfg.model_options, cfg.seed)
+    method = build_method(registry, cfg.method, cfg.hparams, student.info, teacher.info if teacher else None, cfg.seed)
+    data = data_from_config(cfg, device)
+    member = Member(label=f"{cfg.model}/{cfg.method}", student=student, method=method)
+    trainer = Trainer([member], data, cfg.recipe, teacher=teacher, seed=cfg.seed, device=device, progress=progress)
+    (result,) = trainer.fit()
+
+    out = Path(cfg.out)
+    result.update(
+        model=cfg.model,
+        teacher=({"checkpoint": str(cfg.teacher), "model": teacher_meta["model"], "top1": teacher_meta["meta"].get("top1")}
+                 if teacher_meta else None),
+        data={"fingerprint": data.fingerprint, "train": len(data.train_y), "val": len(data.val_y), "test": len(data.test_y)},
+        config=config_dict(cfg),
+        environment=environment(device),
+    )
+    if result["status"] == "ok":
+        save_checkpoint(out / "checkpoint.pt", {
+            "model": cfg.model, "model_options": cfg.model_options, "num_classes": NUM_CLASSES,
+            "state_dict": student.model.state_dict(), "method": cfg.method, "hparams": method.hparams,
+            "method_state": method.state_dict(),
+            "meta": {"top1": result["last"]["top1"], "best_top1": result["best"]["top1"], "seed": cfg.seed,
+                     "data_fingerprint": data.fingerprint, "kdzoo": kdzoo.__version__},
+        })
+    atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
+    atomic_write(out / "config.yaml", lambda tmp: Path(tmp).write_text(yaml.safe_dump(config_dict(cfg), sort_keys=False)))
+    return result
+
+
+def config_dict(cfg: RunConfig) -> dict[str, Any]:
+    import dataclasses
+
+    return dataclasses.asdict(cfg)
