@@ -116,8 +116,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         if value is None:
             return None
     elif dataclasses.is_dataclass(tp):
-        if isinstance(value, dict):
-            return parse(tp, value, path)
+        return parse(tp, value, path)
     elif origin is list:
         if isinstance(value, list):
             (item,) = typing.get_args(tp)

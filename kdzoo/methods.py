@@ -34,7 +34,9 @@ _RESERVED = set(dir(nn.Module)) | {"hparams", "epoch", "num_epochs", "label_smoo
 
 def suggest(name: str, choices: Any) -> str:
     """`` Did you mean 'x'?`` for the closest of ``choices``, or an empty string."""
-    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=3, cutoff=0.5)
+    name, choices = str(name), [str(c) for c in choices]
+    close = difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
+    close += [c for c in choices if c not in close and len(c) > 1 and (name.startswith(c) or c.startswith(name))][:2]
     return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
 
