@@ -1,0 +1,122 @@
+"""First-party backbone plugin: every timm model by name, plus the CIFAR-native nets.
+
+Registered names:
+
+* every name in ``timm.list_models()``, which includes the CIFAR nets of
+  :mod:`kdzoo_plugins.cifar_nets` (``resnet20_cifar``, ..., ``mobilenetv2_cifar``);
+* short aliases for the CIFAR nets, as the KD literature names them: ``resnet20``, ``resnet32``,
+  ``resnet56``, ``resnet110``, ``resnet8x4``, ``resnet32x4``, ``wrn_16_1``, ``wrn_16_2``,
+  ``wrn_40_1``, ``wrn_40_2`` and ``mobilenetv2_x0_5`` (MobileNetV2 at width 0.5, RepDistiller's
+  ``mobile_half``; ``mobilenetv2`` alone would be ambiguous next to timm's ImageNet
+  ``mobilenetv2_*``). An alias that timm itself uses is not registered: the timm model wins.
+
+Every factory is ``factory(num_classes=10, pretrained=False, cifar_stem=False, **kwargs)`` and calls
+``timm.create_model``; ``kwargs`` pass through to it. ``cifar_stem=True`` gives an ImageNet model a
+CIFAR stem (a 3x3 stride-1 conv and no max-pool) and rewrites ``feature_info`` with the true
+reductions. Supported families: timm's ``ResNet`` (resnet*, resnext*, seresnet*, wide_resnet*,
+...: the stem is replaced, so its pretrained weights are dropped), ``EfficientNet`` and
+``MobileNetV3`` (mobilenetv2_*, efficientnet_*, mobilenetv3_*, ...: the 3x3 stem conv keeps its
+weights and gets stride 1). The CIFAR nets already have one, so the flag changes nothing there.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import timm
+from torch import nn
+
+from kdzoo import KDZooError, hookimpl
+from kdzoo_plugins import cifar_nets  # noqa: F401  (registers the CIFAR nets into timm)
+
+ALIASES: dict[str, str] = {
+    **{name[: -len("_cifar")]: name for name in cifar_nets.CIFAR_MODELS if name != "mobilenetv2_cifar"},
+    "mobilenetv2_x0_5": "mobilenetv2_cifar",
+}
+
+_NETWORK_ERRORS: tuple[type[BaseException], ...] = (OSError,)  # hf_hub and urllib errors are OSErrors
+try:  # huggingface_hub >= 1.0 talks through httpx, whose transport errors are not OSErrors
+    import httpx
+
+    _NETWORK_ERRORS += (httpx.TransportError,)
+except ImportError:  # pragma: no cover
+    pass
+
+
+class TimmFactory:
+    """Builds the timm model ``model_name``. Cheap to create: nothing is instantiated until called."""
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+
+    def __repr__(self) -> str:
+        return f"TimmFactory({self.model_name!r})"
+
+    def __call__(self, num_classes: int = 10, pretrained: bool = False, cifar_stem: bool = False,
+                 **kwargs: Any) -> nn.Module:
+        if pretrained and not ({"pretrained_cfg", "pretrained_cfg_overlay"} & kwargs.keys()):
+            cfg = timm.models.get_pretrained_cfg(self.model_name)
+            if cfg is None or not cfg.has_weights:
+                raise KDZooError(
+                    f"timm has no pretrained weights for '{self.model_name}'. Use pretrained=False "
+                    "(the CIFAR nets are always trained from scratch), or pick a timm model that "
+                    "has weights (`timm.list_models(pretrained=True)`)."
+                )
+        try:
+            model = timm.create_model(self.model_name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+        except _NETWORK_ERRORS as exc:
+            if not pretrained:
+                raise
+            raise KDZooError(
+                f"Cannot download pretrained weights for '{self.model_name}', you are probably offline "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'}). "
+                "Use pretrained=False, or pre-populate the Hugging Face cache on a machine with a "
+                "connection and set HF_HUB_OFFLINE=1 to use the cached copy."
+            ) from exc
+        if cifar_stem and self.model_name not in cifar_nets.CIFAR_MODELS:
+            model = to_cifar_stem(model, self.model_name)
+        return model
+
+
+def _rescale_feature_info(model: nn.Module, factor: int) -> None:
+    """Divide every ``feature_info`` reduction by the removed stem downsampling (at least 1)."""
+    info = model.feature_info
+    info = info.get_dicts() if hasattr(info, "get_dicts") else info
+    model.feature_info = [dict(entry, reduction=max(1, entry["reduction"] // factor)) for entry in info]
+
+
+def to_cifar_stem(model: nn.Module, name: str = "") -> nn.Module:
+    """Give a timm ImageNet model a CIFAR stem in place (see module docstring); returns ``model``."""
+    from timm.models.efficientnet import EfficientNet
+    from timm.models.mobilenetv3 import MobileNetV3
+    from timm.models.resnet import ResNet
+
+    if isinstance(model, ResNet):
+        first = next(m for m in model.conv1.modules() if isinstance(m, nn.Conv2d))
+        conv = nn.Conv2d(first.in_channels, model.bn1.num_features, 3, 1, 1, bias=False)
+        nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+        conv.to(device=first.weight.device, dtype=first.weight.dtype)
+        model.conv1, model.maxpool = conv, nn.Identity()
+        _rescale_feature_info(model, 4)
+    elif isinstance(model, (EfficientNet, MobileNetV3)) and tuple(model.conv_stem.kernel_size) == (3, 3) \
+            and tuple(model.conv_stem.stride) == (2, 2):
+        model.conv_stem.stride = (1, 1)
+        _rescale_feature_info(model, 2)
+    else:
+        raise KDZooError(
+            f"cifar_stem=True is not supported for '{name or type(model).__name__}' "
+            f"({type(model).__name__}). It works for timm's ResNet, EfficientNet and MobileNetV3 "
+            "families and is built into the *_cifar nets; use cifar_stem=False to run this model "
+            "with its ImageNet stem (it still accepts 32x32 inputs)."
+        )
+    return model
+
+
+@hookimpl
+def register_models(register):
+    names = timm.list_models()
+    for name in names:
+        register(name, TimmFactory(name))
+    taken = set(names)
+    for alias, target in ALIASES.items():
+        if alias not in taken:
+            register(alias, TimmFactory(target))
