@@ -131,7 +131,7 @@ def cmd_plugins(args: argparse.Namespace, registry: Registry) -> None:
     for col in ("plugin", "distribution", "version", "status", "methods", "models"):
         table.add_column(col)
     for p in registry.plugins:
-        models = f"{len(p.models)} ({', '.join(p.models[:4])}{', …' if len(p.models) > 4 else ''})" if p.models else ""
+        models = (", ".join(p.models) if len(p.models) <= 3 else f"{len(p.models)} (see `kdzoo models`)") if p.models else ""
         status = {"ok": "[green]ok[/]", "disabled": "[yellow]disabled[/]"}.get(p.status, f"[red]broken[/]: {p.error}")
         table.add_row(p.name, p.dist, p.version, status, ", ".join(p.methods), models)
     console.print(table)

@@ -49,5 +49,6 @@ class RichProgress(Progress):
 
     def run_end(self) -> None:
         if self.bars is not None:
+            self.bars.remove_task(self.batch_task)
             self.bars.stop()
             self.bars = None
