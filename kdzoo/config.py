@@ -194,3 +194,61 @@ def parse_assignment(text: str) -> tuple[str, Any]:
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
+
+
+@dataclass
+class TeacherSpec:
+    """A benchmark teacher: a model trained with the teacher recipe, or a kdzoo checkpoint."""
+
+    model: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+    checkpoint: str | None = None
+    seed: int = 0
+    recipe: dict[str, Any] = field(default_factory=dict)  # overrides on top of recipe + teacher_recipe
+
+
+@dataclass
+class StudentSpec:
+    model: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ReferenceRow:
+    teacher: str
+    student: str
+    values: dict[str, Any] = field(default_factory=dict)  # method/variant (or "teacher") -> number
+
+
+@dataclass
+class Reference:
+    """Published numbers to show beside ours."""
+
+    source: str
+    metric: str = "top1"  # "top1" (accuracy, %) or "error" (test error, %)
+    rows: list[ReferenceRow] = field(default_factory=list)
+
+
+@dataclass
+class BenchConfig:
+    """A benchmark file: teachers × students × methods × seeds on CIFAR-10.
+
+    ``teachers`` and ``students`` entries may be a model name or a mapping; ``methods`` entries
+    may be a name or a mapping with ``name`` plus hyperparameters, where a list value is a
+    sweep (``T: [2, 4, 8]`` expands into three runs).
+    """
+
+    name: str = "benchmark"
+    description: str = ""
+    teachers: list[Any] = field(default_factory=list)
+    students: list[Any] = field(default_factory=list)
+    methods: list[Any] = field(default_factory=list)
+    pairs: list[list[str]] | None = None  # [[teacher, student], ...]; default: every combination
+    seeds: list[int] = field(default_factory=lambda: [0])
+    data: DataConfig = field(default_factory=DataConfig)
+    recipe: Recipe = field(default_factory=Recipe)
+    teacher_recipe: dict[str, Any] = field(default_factory=dict)  # overrides for teachers
+    student_recipe: dict[str, Any] = field(default_factory=dict)  # overrides for students
+    cohorts: bool = True  # train runs that share (teacher, student, seed) together
+    device: str = "auto"
+    reference: Reference | None = None

@@ -50,6 +50,7 @@ class Member:
     label: str
     student: KDNet
     method: Method
+    origin: str = ""  # where the method comes from, for error messages, e.g. "plugin 'dkd' (kdzoo-dkd 0.1.0)"
     optimizer: torch.optim.Optimizer | None = None
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
     rng_state: torch.Tensor | None = None
@@ -128,6 +129,16 @@ def _member_rng(member: Member, device: torch.device):
     finally:
         member.rng_state = torch.get_rng_state()
         torch.set_rng_state(outer)
+
+
+def _check_terms(terms: Any) -> None:
+    """The Method contract: a non-empty dict of names to scalar tensors."""
+    if not isinstance(terms, dict) or not terms:
+        raise TypeError(f"forward() must return a non-empty dict of loss terms, got {type(terms).__name__}")
+    for name, value in terms.items():
+        if not isinstance(value, torch.Tensor) or value.ndim != 0:
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise TypeError(f"loss term {name!r} must be a scalar tensor, got {shape}")
 
 
 def count_params(module: nn.Module) -> int:
@@ -224,6 +235,7 @@ class Trainer:
         with _member_rng(m, self.device), self._autocast():
             s_out = m.student(x, features=m.method.needs_features, embedding=m.method.needs_embedding)
             terms = m.method(s_out, t_out if m.method.needs_teacher else None, y)
+        _check_terms(terms)
         loss = sum(terms.values())
         m.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -236,8 +248,9 @@ class Trainer:
     def _check_finite(self, m: Member, loss: torch.Tensor, sums: dict, epoch: int, step: int) -> None:
         if not torch.isfinite(loss):
             bad = [k for k, v in sums.items() if not torch.isfinite(v)]
+            origin = f" (method '{m.method.name}' from {m.origin})" if m.origin else ""
             raise NonFiniteLoss(
-                f"Run '{m.label}' stopped at epoch {epoch + 1}, step {step + 1}: the loss became non-finite "
+                f"Run '{m.label}'{origin} stopped at epoch {epoch + 1}, step {step + 1}: the loss became non-finite "
                 f"(term{'s' if len(bad) > 1 else ''} {', '.join(bad) or 'total'}). Lower the learning rate or "
                 "the method's loss weights, or check the teacher checkpoint."
             )
@@ -265,7 +278,8 @@ class Trainer:
                 except KDZooError as e:
                     m.error = str(e)
                 except Exception as e:  # a plugin bug fails its own run, not the cohort
-                    m.error = f"Method '{m.method.name}' raised {type(e).__name__}: {e}"
+                    origin = f" from {m.origin}" if m.origin else ""
+                    m.error = f"Method '{m.method.name}'{origin} failed: {type(e).__name__}: {e}"
             seen += len(y)
             self.progress.step(len(y))
             if not self.active:

@@ -76,6 +76,11 @@ class Registry:
             )
         return self.methods[name]
 
+    def describe_origin(self, method: str) -> str:
+        """``"plugin 'kd' (kdzoo 0.1.0)"``: where a registered method comes from, for error messages."""
+        info = self.plugin(self.owner[("method", method)])
+        return f"plugin '{info.name}' ({info.dist} {info.version})"
+
     def model_names(self, pattern: str | None = None) -> list[str]:
         names = sorted(self.models)
         return [n for n in names if fnmatch.fnmatch(n, pattern)] if pattern else names

@@ -91,7 +91,8 @@ def run_single(cfg: RunConfig, registry: Registry, progress: Progress | None = N
     student = build_student(registry, cfg.model, cfg.model_options, cfg.seed)
     method = build_method(registry, cfg.method, cfg.hparams, student.info, teacher.info if teacher else None, cfg.seed)
     data = data_from_config(cfg, device)
-    member = Member(label=f"{cfg.model}/{cfg.method}", student=student, method=method)
+    member = Member(label=f"{cfg.model}/{cfg.method}", student=student, method=method,
+                    origin=registry.describe_origin(cfg.method))
     trainer = Trainer([member], data, cfg.recipe, teacher=teacher, seed=cfg.seed, device=device, progress=progress)
     (result,) = trainer.fit()
 
