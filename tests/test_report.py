@@ -1,0 +1,309 @@
+"""The benchmark report from a fixed, hand-made store: numbers, markers, exports and the reference block.
+
+Store (seeds 0, 1, 2; columns ce, kd, attention), last-epoch / best-epoch top-1:
+
+  resnet20 → mobilenet   teacher 90 / 91 (key tA; a stale teacher of key "old" at 50 must be ignored)
+    ce         70 71 72  / 71 72 73   → 71.00 ± 1.00, best 72.00 ± 1.00
+    kd         72 73 74  / 75 75 75   → 73.00 ± 1.00, Δ +2 (2,2,2);  best 75.00 ± 0.00, Δ +3 (4,3,2)
+    attention  69 71 70  / 76 77 78   → 70.00 ± 1.00, Δ −1 (−1,0,−2); best 77.00 ± 1.00, Δ +5
+  wrn40_1 → wrn16_1      teacher 93 / 93.5 (key tB); reference in test error
+    ce         90 91 92               → 91.00 ± 1.00  (err 9.00 vs 8.77: +0.23)
+    kd         91 93 —(not run)       → 92.00 ± 1.41, Δ +1.5 (1,2), std 0.71 (err 8.00 vs 8.39: −0.39)
+    attention  92 93 failed           → 92.50 ± 0.71, Δ +2 (2,2)   (err 7.50 vs 8.25: −0.75)
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+
+import pytest
+from rich.console import Console
+
+from kdzoo import KDZooError
+from kdzoo.report import export, render_table, summarize, summarize_dir, to_csv, to_json, to_markdown
+from kdzoo.store import Store
+
+NAN_ERROR = "Loss became non-finite (nan) at epoch 2, step 3.\nLower the learning rate."
+
+
+def student(run_id, teacher, t_key, t_top1, t_params, model, s_params, variant, seed, last, best,
+            status="ok", error=None, method=None):
+    rec = {
+        "run_id": run_id, "cohort_id": f"c-{teacher}-{model}-{seed}", "kind": "student", "status": status,
+        "error": error,
+        "teacher": None if teacher is None else
+        {"model": teacher, "key": t_key, "top1": t_top1[0], "best_top1": t_top1[1], "params": t_params},
+        "student": {"model": model, "params": s_params},
+        "method": method or variant, "variant": variant, "hparams": {}, "seed": seed,
+        "history": [], "params": {"student": s_params, "method": 0}, "epochs_done": 2,
+    }
+    if status == "ok":
+        rec["last"] = {"top1": last, "top5": 99.0}
+        rec["best"] = {"epoch": 1, "chosen_on": "test", "top1": best}
+    return rec
+
+
+def teacher_run(run_id, model, key, last, best, params, via_block=True):
+    rec = {
+        "run_id": run_id, "kind": "teacher", "status": "ok", "error": None, "seed": 0,
+        "student": {"model": model, "params": params}, "method": "ce", "variant": "ce",
+        "last": {"top1": last}, "best": {"epoch": 2, "chosen_on": "test", "top1": best},
+        "params": {"student": params, "method": 0},
+    }
+    if via_block:
+        rec["teacher"] = {"model": model, "key": key}
+    else:  # kdzoo.bench's convention: no teacher block, top-level model and key
+        rec.update(teacher=None, model=model, key=key, variant="teacher")
+    return rec
+
+
+BENCH = {
+    "name": "unit", "description": "hand-made store", "budget": "2 epochs, 100 train images",
+    "columns": ["ce", "kd", "attention"], "pairs": [["resnet20", "mobilenet"], ["wrn40_1", "wrn16_1"]],
+    "seeds": [0, 1, 2],
+    "reference": {"source": "Zagoruyko & Komodakis, ICLR 2017, Table 2", "metric": "error", "rows": [
+        {"teacher": "wrn40_1", "student": "wrn16_1",
+         "values": {"student": 8.77, "attention": 8.25, "kd": 8.39, "teacher": 6.58}},
+    ]},
+}
+
+A = dict(teacher="resnet20", t_key="tA", t_top1=(90.0, 91.0), t_params=1_200_000, model="mobilenet", s_params=300_000)
+B = dict(teacher="wrn40_1", t_key="tB", t_top1=(93.0, 93.5), t_params=600_000, model="wrn16_1", s_params=175_000)
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(tmp_path / "bench")
+    s.write_bench(BENCH)
+    runs = [teacher_run("t-a", "resnet20", "tA", 90.0, 91.0, 1_200_000),
+            teacher_run("t-old", "resnet20", "old", 50.0, 50.0, 1_200_000),
+            teacher_run("t-b", "wrn40_1", "tB", 93.0, 93.5, 600_000, via_block=False)]
+    table_a = {"ce": ([70, 71, 72], [71, 72, 73]), "kd": ([72, 73, 74], [75, 75, 75]),
+               "attention": ([69, 71, 70], [76, 77, 78])}
+    for variant, (last, best) in table_a.items():
+        for seed in range(3):
+            runs.append(student(f"a-{variant}-{seed}", **A, variant=variant, seed=seed,
+                                last=float(last[seed]), best=float(best[seed])))
+    table_b = {"ce": [90, 91, 92], "kd": [91, 93, None], "attention": [92, 93, "failed"]}
+    for variant, values in table_b.items():
+        for seed, v in enumerate(values):
+            if v is None:
+                continue  # not run yet
+            if v == "failed":
+                runs.append(student(f"b-{variant}-{seed}", **B, variant=variant, seed=seed, last=None, best=None,
+                                    status="failed", error=NAN_ERROR))
+            else:
+                runs.append(student(f"b-{variant}-{seed}", **B, variant=variant, seed=seed,
+                                    last=float(v), best=float(v) + 0.5))
+    # Noise the report must ignore: a variant outside the plan, a seed outside the plan.
+    runs.append(student("x-rkd-0", **A, variant="rkd", seed=0, last=1.0, best=1.0))
+    runs.append(student("x-kd-9", **A, variant="kd", seed=9, last=1.0, best=1.0))
+    for r in runs:
+        s.write_run(r)
+    return s
+
+
+def cells(summary, row):
+    return {c.variant: c for c in summary.rows[row].cells}
+
+
+def test_means_stds_and_paired_delta(store):
+    s = summarize(store.runs(), store.bench())
+    assert [(r.teacher, r.student) for r in s.rows] == [("resnet20", "mobilenet"), ("wrn40_1", "wrn16_1")]
+    assert s.columns == ["ce", "kd", "attention"] and s.seeds == [0, 1, 2]
+    a = cells(s, 0)
+    assert (a["ce"].stat.mean, a["ce"].stat.std, a["ce"].stat.n) == (71.0, 1.0, 3)
+    assert (a["kd"].stat.mean, a["kd"].stat.std) == (73.0, 1.0)
+    assert a["kd"].delta.values == [2.0, 2.0, 2.0] and a["kd"].delta.mean == 2.0 and a["kd"].delta.std == 0.0
+    assert a["attention"].delta.values == [-1.0, 0.0, -2.0] and a["attention"].delta.mean == -1.0
+    assert a["ce"].delta is None
+    assert [c.best for c in a.values()] == [False, True, False]
+    row = s.rows[0]
+    assert row.teacher_stat.values == [90.0]  # the stale teacher (key "old") is not this pair's
+    assert (row.teacher_params, row.student_params) == (1_200_000, 300_000)
+
+    b = cells(s, 1)
+    assert b["kd"].stat.seeds == [0, 1] and b["kd"].missing_seeds == [2] and b["kd"].status == "partial"
+    assert b["kd"].stat.mean == 92.0 and b["kd"].stat.std == pytest.approx(math.sqrt(2))
+    assert b["kd"].delta.values == [1.0, 2.0] and b["kd"].delta.std == pytest.approx(math.sqrt(0.5))
+    assert b["attention"].failed_seeds == [2] and b["attention"].stat.mean == 92.5
+    assert b["attention"].stat.std == pytest.approx(math.sqrt(0.5)) and b["attention"].delta.mean == 2.0
+    assert [c.best for c in b.values()] == [False, False, True]
+    assert s.rows[1].teacher_stat.values == [93.0]  # found through its top-level model/key
+    assert [(f.variant, f.seed, f.run_id) for f in s.failures] == [("attention", 2, "b-attention-2")]
+    assert "\n" not in s.failures[0].error and s.failures[0].error.startswith("Loss became non-finite (nan)")
+
+
+def test_best_epoch_switch(store):
+    last, best = summarize(store.runs(), store.bench(), "last"), summarize(store.runs(), store.bench(), "best")
+    assert "last-epoch top-1" in last.caption and "best-epoch top-1" in best.caption
+    a = cells(best, 0)
+    assert (a["ce"].stat.mean, a["kd"].stat.mean, a["kd"].stat.std, a["attention"].stat.mean) == (72.0, 75.0, 0.0, 77.0)
+    assert a["kd"].delta.values == [4.0, 3.0, 2.0] and a["kd"].delta.mean == 3.0 and a["kd"].delta.std == 1.0
+    assert [c.best for c in a.values()] == [False, False, True]  # attention wins on best-epoch, kd on last
+    assert best.rows[0].teacher_stat.mean == 91.0
+    md = to_markdown(best)
+    assert "| resnet20 → mobilenet | 91.00 | 1.20M | 0.30M | 72.00 ± 1.00 (n=3) | 75.00 ± 0.00 (n=3)<br>Δ +3.00 " \
+           "| **77.00 ± 1.00**\\* (n=3)<br>Δ +5.00 |" in md
+    with pytest.raises(KDZooError, match="'last'"):
+        summarize(store.runs(), store.bench(), "final")
+
+
+def test_reference_in_error(store):
+    s = summarize(store.runs(), store.bench())
+    assert s.reference_metric == "error" and "100 − top-1" in s.caption
+    b = cells(s, 1)
+    assert b["ce"].reference == 8.77 and b["ce"].reference_ours == 9.0  # "student" names the ce baseline
+    assert b["ce"].reference_diff == pytest.approx(9.0 - 8.77)
+    assert (b["kd"].reference_ours, b["kd"].reference_diff) == (8.0, pytest.approx(-0.39))
+    assert (b["attention"].reference_ours, b["attention"].reference_diff) == (7.5, pytest.approx(-0.75))
+    row = s.rows[1]
+    assert (row.teacher_reference, row.teacher_reference_ours) == (6.58, 7.0)
+    assert row.teacher_reference_diff == pytest.approx(0.42)
+    assert all(c.reference is None for c in s.rows[0].cells)  # no published row for that pair
+
+
+def test_markdown(store):
+    md = to_markdown(summarize(store.runs(), store.bench()))
+    lines = md.splitlines()
+    assert lines[0] == "hand-made store"
+    assert lines[2].startswith("**unit**: last-epoch top-1 accuracy (%)") and "2 epochs, 100 train images" in lines[2]
+    assert "| Teacher → Student | Teacher top-1 | Teacher params | Student params | ce | kd | attention |" in lines
+    assert "| resnet20 → mobilenet | 90.00 | 1.20M | 0.30M | 71.00 ± 1.00 (n=3) | **73.00 ± 1.00**\\* (n=3)<br>Δ +2.00 " \
+           "| 70.00 ± 1.00 (n=3)<br>Δ -1.00 |" in lines
+    assert "| wrn40_1 → wrn16_1 | 93.00<br>err 7.00 vs ref 6.58 (+0.42) | 0.60M | 0.17M " \
+           "| 91.00 ± 1.00 (n=3)<br>err 9.00 vs ref 8.77 (+0.23) " \
+           "| 92.00 ± 1.41 (n=2)<br>Δ +1.50<br>1 missing<br>err 8.00 vs ref 8.39 (-0.39) " \
+           "| **92.50 ± 0.71**\\* (n=2)<br>Δ +2.00<br>1 failed<br>err 7.50 vs ref 8.25 (-0.75) |" in lines
+    assert "Reference: Zagoruyko & Komodakis, ICLR 2017, Table 2" in lines
+    assert "- wrn40_1 → wrn16_1 attention seed 2 (b-attention-2): Loss became non-finite (nan) at epoch 2, step 3. " \
+           "Lower the learning rate." in lines
+
+
+def test_csv(store):
+    rows = list(csv.DictReader(io.StringIO(to_csv(summarize(store.runs(), store.bench())))))
+    assert len(rows) == 6
+    assert list(rows[0])[:14] == ["teacher", "student", "variant", "metric", "n", "mean", "std", "delta_vs_ce",
+                                  "delta_std", "seeds", "reference", "reference_diff", "teacher_top1", "student_params"]
+    by = {(r["teacher"], r["variant"]): r for r in rows}
+    kd = by["resnet20", "kd"]
+    assert (kd["student"], kd["metric"], kd["n"], kd["seeds"]) == ("mobilenet", "last", "3", "0;1;2")
+    assert (float(kd["mean"]), float(kd["std"]), float(kd["delta_vs_ce"]), float(kd["delta_std"])) == (73.0, 1.0, 2.0, 0.0)
+    assert (kd["reference"], kd["teacher_top1"], kd["student_params"], kd["best"]) == ("", "90.0000", "300000", "true")
+    ce = by["resnet20", "ce"]
+    assert (ce["delta_vs_ce"], ce["delta_std"]) == ("", "")
+    at = by["wrn40_1", "attention"]
+    assert (at["n"], at["seeds"], at["status"], at["failed_seeds"]) == ("2", "0;1", "partial", "2")
+    assert (float(at["mean"]), float(at["std"]), float(at["delta_vs_ce"])) == (92.5, 0.7071, 2.0)
+    assert (float(at["reference"]), float(at["reference_diff"]), at["reference_metric"]) == (8.25, -0.75, "error")
+    kd_b = by["wrn40_1", "kd"]
+    assert (float(kd_b["std"]), float(kd_b["delta_vs_ce"]), kd_b["missing_seeds"]) == (1.4142, 1.5, "2")
+    assert float(by["wrn40_1", "ce"]["reference_diff"]) == 0.23
+
+
+def test_json_round_trip_and_export(store, tmp_path):
+    s = summarize(store.runs(), store.bench())
+    data = to_json(s)
+    assert json.loads(json.dumps(data)) == data
+    assert (data["metric"], data["seeds"], data["columns"]) == ("last", [0, 1, 2], ["ce", "kd", "attention"])
+    assert data["reference"] == {"source": "Zagoruyko & Komodakis, ICLR 2017, Table 2", "metric": "error"}
+    att = next(c for c in data["cells"] if c["teacher"] == "wrn40_1" and c["variant"] == "attention")
+    assert (att["values"], att["seeds"], att["failed_seeds"], att["delta_vs_ce"]) == ([92.0, 93.0], [0, 1], [2], 2.0)
+    assert data["failures"] == [{"teacher": "wrn40_1", "student": "wrn16_1", "variant": "attention", "seed": 2,
+                                 "run_id": "b-attention-2", "error": " ".join(NAN_ERROR.split())}]
+    paths = export(s, tmp_path / "out")
+    assert [p.name for p in paths] == ["report.md", "report.csv", "report.json"]
+    assert paths[0].read_text(encoding="utf-8") == to_markdown(s)
+    assert paths[1].read_text(encoding="utf-8") == to_csv(s)
+    assert json.loads(paths[2].read_text()) == data
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.csv", "report.json", "report.md"]
+    assert to_json(summarize_dir(store.root)) == data  # from the folder alone
+
+
+def test_rich_table(store):
+    s = summarize(store.runs(), store.bench())
+    console = Console(record=True, width=200, color_system="standard", force_terminal=True)
+    render_table(s, console)
+    styled = console.export_text(styles=True)
+    text = Console(record=True, width=200)
+    render_table(s, text)
+    out = text.export_text()
+    for expected in ("unit: last-epoch top-1", "71.00 ± 1.00 (n=3)", "73.00 ± 1.00* (n=3)", "Δ +2.00", "Δ -1.00",
+                     "92.50 ± 0.71* (n=2)", "1 failed", "1 missing", "err 7.50 vs ref 8.25 (-0.75)",
+                     "err 7.00 vs ref 6.58 (+0.42)", "1.20M", "0.17M", "2 epochs, 100 train images",
+                     "Reference: Zagoruyko & Komodakis, ICLR 2017, Table 2",
+                     "wrn40_1 → wrn16_1 attention seed 2 (b-attention-2): Loss became non-finite"):
+        assert expected in out, expected
+    assert "\x1b[32mΔ +2.00" in styled and "\x1b[31mΔ -1.00" in styled  # green / red
+
+
+def test_failed_missing_and_checkpoint_teacher(tmp_path):
+    """A cell with every seed failed, a column never run, Δ over fewer pairs, and a teacher without a run."""
+    t = dict(teacher="resnet56", t_key="ckpt", t_top1=(94.0, 94.2), t_params=850_000, model="resnet8", s_params=78_000)
+    runs = [
+        student("ce-0", **t, variant="ce", seed=0, last=None, best=None, status="failed", error="boom"),
+        student("ce-1", **t, variant="ce", seed=1, last=80.0, best=80.0),
+        student("kd-0", **t, variant="kd(T=2)", method="kd", seed=0, last=81.0, best=81.0),
+        student("kd-1", **t, variant="kd(T=2)", method="kd", seed=1, last=83.0, best=83.0),
+        student("at-0", **t, variant="attention", seed=0, last=None, best=None, status="failed", error="bad shapes"),
+    ]
+    bench = {"name": "x", "columns": ["ce", "kd(T=2)", "attention", "rkd"], "pairs": [["resnet56", "resnet8"]],
+             "reference": {"source": "paper", "metric": "top1",
+                           "rows": [{"teacher": "resnet56", "student": "resnet8", "values": {"kd": 82.5, "rkd": "—"}}]}}
+    s = summarize(runs, bench)
+    assert s.seeds == [0, 1]  # no "seeds" in bench.json: taken from the records
+    c = cells(s, 0)
+    assert c["ce"].status == "partial" and c["ce"].failed_seeds == [0]
+    assert c["kd(T=2)"].delta.seeds == [1] and c["kd(T=2)"].delta.mean == 3.0
+    assert c["kd(T=2)"].reference == 82.5 and c["kd(T=2)"].reference_diff == -0.5  # by method name, top-1
+    assert c["attention"].status == "failed" and c["rkd"].status == "missing" and c["rkd"].reference is None
+    assert s.rows[0].teacher_stat.values == [94.0] and s.rows[0].teacher_params == 850_000
+    assert summarize(runs, bench, "best").rows[0].teacher_stat.values == [94.2]
+    line = next(l for l in to_markdown(s).splitlines() if l.startswith("| resnet56"))
+    assert line == ("| resnet56 → resnet8 | 94.00 | 0.85M | 0.08M | 80.00 (n=1)<br>1 failed "
+                    "| **82.00 ± 1.41**\\* (n=2)<br>Δ +3.00 (1 paired)<br>82.00 vs ref 82.50 (-0.50) | failed | — |")
+    assert [f.run_id for f in s.failures] == ["ce-0", "at-0"]
+    with pytest.raises(KDZooError, match="'columns'"):
+        summarize(runs, {"pairs": []})
+    with pytest.raises(KDZooError, match="'error'"):
+        summarize(runs, {**bench, "reference": {"source": "p", "metric": "acc", "rows": []}})
+
+
+def test_shared_teacherless_baseline():
+    """A ce baseline recorded without a teacher serves every pair with that student; its failure is listed once."""
+    def run(run_id, teacher, variant, seed, top1, status="ok"):
+        t = dict(teacher=teacher, t_key=f"k-{teacher}", t_top1=(90.0, 90.0), t_params=10, model="s", s_params=5)
+        return student(run_id, **t, variant=variant, seed=seed, last=top1, best=top1, status=status,
+                       error=None if status == "ok" else "oom")
+    runs = [run("ce-0", None, "ce", 0, 60.0), run("ce-1", None, "ce", 1, 62.0), run("ce-2", None, "ce", 2, None, "failed"),
+            run("t1-kd-0", "t1", "kd", 0, 61.0), run("t1-kd-1", "t1", "kd", 1, 65.0),
+            run("t2-kd-0", "t2", "kd", 0, 59.0), run("t2-kd-1", "t2", "kd", 1, 60.0)]
+    s = summarize(runs, {"columns": ["ce", "kd"], "pairs": [["t1", "s"], ["t2", "s"]], "seeds": [0, 1, 2]})
+    assert [cells(s, i)["ce"].stat.values for i in (0, 1)] == [[60.0, 62.0], [60.0, 62.0]]
+    assert [cells(s, i)["kd"].delta.values for i in (0, 1)] == [[1.0, 3.0], [-1.0, -2.0]]
+    assert [cells(s, i)["kd"].best for i in (0, 1)] == [True, False]
+    assert [f.run_id for f in s.failures] == ["ce-2"]
+    assert [r.teacher_status for r in s.rows] == ["ok", "ok"]  # from the students' teacher blocks
+
+
+def test_teacher_runs_checkpoint_failed_and_planned_key():
+    """A checkpoint teacher without a best-epoch number, a failed teacher, and bench.json's planned teacher keys."""
+    ckpt = {"run_id": "teacher-k1", "kind": "teacher", "status": "ok", "error": None, "model": "t1", "key": "k1",
+            "teacher": None, "student": {"model": "t1", "params": 2_000_000}, "variant": "teacher", "seed": 0,
+            "last": {"top1": 94.0}, "best": None, "source": "checkpoint"}
+    bad = {"run_id": "teacher-k2", "kind": "teacher", "status": "failed", "error": "Loss became non-finite.",
+           "model": "t2", "key": "k2", "teacher": None, "student": {"model": "t2", "params": 3_000_000}, "seed": 0}
+    stale = {**ckpt, "run_id": "teacher-k0", "key": "k0", "last": {"top1": 10.0}}
+    bench = {"columns": ["ce", "kd"], "pairs": [["t1", "s"], ["t2", "s"]], "seeds": [0],
+             "teachers": {"t1": "k1", "t2": "k2"}}  # no student has run yet: the planned keys decide
+    last = summarize([stale, ckpt, bad], bench)
+    assert [(r.teacher_status, r.teacher_stat.values, r.teacher_params) for r in last.rows] == \
+        [("ok", [94.0], 2_000_000), ("failed", [], 3_000_000)]
+    best = summarize([stale, ckpt, bad], bench, "best")
+    assert best.rows[0].teacher_status == "missing"  # unknown, not failed
+    assert [f.run_id for f in best.failures] == ["teacher-k2"]
+    md = to_markdown(last)
+    assert "| t1 → s | 94.00 | 2.00M | — | — | — |" in md and "| t2 → s | failed | 3.00M | — | — | — |" in md
+    assert "- teacher t2 (teacher-k2): Loss became non-finite." in md
