@@ -90,6 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pattern", nargs="?", help="glob pattern, e.g. 'resnet*'")
     _run_options(add("train", "train a network with cross-entropy (a teacher, or a baseline)"), distill=False)
     _run_options(add("distill", "distil a student from a teacher checkpoint"), distill=True)
+    p = add("bench", "run a benchmark file: every teacher × student × method × seed, then print the table")
+    p.add_argument("file", help="benchmark YAML, e.g. benchmarks/quick.yaml")
+    p.add_argument("--out", metavar="DIR", help="results folder (default: runs/bench/NAME); rerun to resume")
+    p.add_argument("--dry-run", action="store_true", help="validate and show the plan with a time estimate; train nothing")
+    p.add_argument("--no-cohorts", action="store_true", help="train every run alone (for comparison)")
+    p.add_argument("--metric", choices=("last", "best"), default="last", help="accuracy shown in the table")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the file's, else auto)")
+    p = add("report", "re-render a benchmark's table from its results folder, without training")
+    p.add_argument("dir", help="the --out folder of `kdzoo bench`")
+    p.add_argument("--metric", choices=("last", "best"), default="last", help="accuracy shown in the table")
+    p.add_argument("--no-export", action="store_true", help="do not (re)write report.md/.csv/.json")
     return parser
 
 
@@ -174,7 +185,73 @@ def cmd_run(args: argparse.Namespace, registry: Registry) -> None:
     )
 
 
-COMMANDS = {"plugins": cmd_plugins, "methods": cmd_methods, "models": cmd_models, "train": cmd_run, "distill": cmd_run}
+def cmd_bench(args: argparse.Namespace, registry: Registry) -> int:
+    from pathlib import Path
+
+    from kdzoo import bench
+    from kdzoo.progress import RichProgress
+    from kdzoo.store import Store
+
+    plan, data, device = bench.prepare(args.file, registry, device=args.device, cohorts=False if args.no_cohorts else None)
+    out = Path(args.out or f"runs/bench/{plan.bench.name}")
+    store = Store(out)
+    teachers_todo = [t for t in plan.teachers if not t.checkpoint and not (t.dir / "metrics.json").is_file()]
+    runs_todo = [r for r in plan.runs if not store.has_run(r.run_id)]
+    if args.dry_run:
+        show_plan(plan, store, teachers_todo)
+        seconds = bench.estimate_seconds(plan, data, registry, device)
+        console.print(f"Estimated time for what is left: [bold]{seconds / 60:.1f} min[/] on {device} "
+                      f"(from a short measured probe; evaluation included roughly).")
+        return 0
+    console.print(f"[bold]{plan.bench.name}[/]: {len(plan.runs)} runs in {len(plan.cohorts)} cohorts, "
+                  f"{len(runs_todo)} to train, {len(teachers_todo)} teacher(s) to train; results in {out}")
+    with RichProgress(err_console, plan_total=len(runs_todo) + len(teachers_todo)) as progress:
+        outcome = bench.run_plan(plan, data, registry, store, device, progress, progress.say)
+    report(store, args.metric, export=True)
+    if outcome["failed"]:
+        err_console.print(f"[red]{len(outcome['failed'])} run(s) failed[/] (listed under the table); the others finished.")
+        return 1
+    return 0
+
+
+def show_plan(plan, store, teachers_todo) -> None:
+    table = Table(title=f"{plan.bench.name}: plan")
+    for col in ("teacher", "status"):
+        table.add_column(col)
+    for t in plan.teachers:
+        status = ("checkpoint " + str(t.checkpoint)) if t.checkpoint else (
+            f"train {t.recipe.epochs} epochs" if t in teachers_todo else f"cached ({t.dir})")
+        table.add_row(t.model, status)
+    console.print(table)
+    table = Table(title="cohorts (runs trained together on identical batches)")
+    for col in ("teacher → student", "seed", "runs", "status"):
+        table.add_column(col)
+    for c in plan.cohorts:
+        done = sum(store.has_run(r.run_id) for r in c.runs)
+        status = "done" if done == len(c.runs) else (
+            "resumable" if store.cohort_path(c.cohort_id).is_file() else "to train")
+        table.add_row(f"{c.teacher.model} → {c.student.model}", str(c.seed), ", ".join(r.variant.label for r in c.runs), status)
+    console.print(table)
+
+
+def report(store, metric: str, export: bool) -> None:
+    from kdzoo import report as rep
+
+    summary = rep.summarize(store.runs(), store.bench(), metric)
+    rep.render_table(summary, console)
+    if export:
+        paths = rep.export(summary, store.root)
+        console.print(f"[dim]wrote {', '.join(str(p) for p in paths)}[/]")
+
+
+def cmd_report(args: argparse.Namespace, registry: Registry) -> None:
+    from kdzoo.store import Store
+
+    report(Store(args.dir), args.metric, export=not args.no_export)
+
+
+COMMANDS = {"plugins": cmd_plugins, "methods": cmd_methods, "models": cmd_models, "train": cmd_run, "distill": cmd_run,
+            "bench": cmd_bench, "report": cmd_report}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -182,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.registry = load_plugins(disable=_disabled(args.plugin_flags), strict=args.strict_plugins)
-        COMMANDS[args.command](args, args.registry)
+        rc = COMMANDS[args.command](args, args.registry)
     except KDZooError as e:
         if args.debug:
             raise
@@ -191,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]")
         return 130
-    return 0
+    return rc or 0
 
 
 if __name__ == "__main__":

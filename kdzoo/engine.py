@@ -17,7 +17,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -306,17 +306,48 @@ class Trainer:
             records[m.label] = record
         self.progress.epoch_end(epoch, records)
 
-    def fit(self, start_epoch: int = 0) -> list[dict[str, Any]]:
-        """Train from ``start_epoch`` to the recipe's end; return one result dict per member."""
+    def fit(self, start_epoch: int = 0, on_epoch: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
+        """Train from ``start_epoch`` to the recipe's end; return one result dict per member.
+
+        ``on_epoch(epochs_done)`` runs after each epoch (the benchmark saves a resumable checkpoint there).
+        """
         self.progress.run_start([m.label for m in self.members], self.recipe.epochs, self.steps_per_epoch, start_epoch)
         try:
             for epoch in range(start_epoch, self.recipe.epochs):
-                self.train_epoch(epoch)
                 if not self.active:
                     break
+                self.train_epoch(epoch)
+                if on_epoch is not None:
+                    on_epoch(epoch + 1)
         finally:
             self.progress.run_end()
         return [self.result(m) for m in self.members]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue bit-identically: weights, optimiser, schedule, RNG, history."""
+        return {"members": [{
+            "label": m.label,
+            "student": m.student.state_dict(),
+            "method": m.method.state_dict(),
+            "optimizer": m.optimizer.state_dict(),
+            "scheduler": m.scheduler.state_dict(),
+            "rng_state": m.rng_state,
+            "history": m.history,
+            "error": m.error,
+            "wall_time": m.wall_time,
+        } for m in self.members]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state["members"]
+        if [s["label"] for s in saved] != [m.label for m in self.members]:
+            raise KDZooError("The saved cohort state belongs to different runs; delete it to start the cohort afresh.")
+        for m, s in zip(self.members, saved):
+            m.student.load_state_dict(s["student"])
+            m.method.load_state_dict(s["method"])
+            m.optimizer.load_state_dict(s["optimizer"])
+            m.scheduler.load_state_dict(s["scheduler"])
+            m.rng_state = s["rng_state"]
+            m.history, m.error, m.wall_time = s["history"], s["error"], s["wall_time"]
 
     def result(self, m: Member) -> dict[str, Any]:
         """A JSON-able summary: status, history, last- and best-epoch metrics, sizes and speed."""

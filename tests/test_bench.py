@@ -1,0 +1,221 @@
+"""The benchmark runner: plan expansion, validation, teacher cache, failure isolation, kill -9 and resume."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kdzoo import KDZooError, hookimpl
+from kdzoo import bench as B
+from kdzoo.config import BenchConfig, parse
+from kdzoo.methods import Method
+from kdzoo.plugins import load_plugins
+from kdzoo.store import Store
+
+TINY = {
+    "name": "tiny",
+    "data": {"train_size": 384, "test_size": 200},
+    "seeds": [0],
+    "recipe": {"epochs": 3, "batch_size": 64, "lr": 0.05, "eval_batch_size": 200},
+    "teacher_recipe": {"epochs": 2},
+    "teachers": ["resnet20"],
+    "students": ["wrn_16_1"],
+    "methods": ["kd", "attention"],
+}
+TIMING = {"wall_time_s", "img_per_s", "train_img_per_s", "epoch_time_s", "environment"}
+
+
+def strip_timing(obj):
+    if isinstance(obj, dict):
+        return {k: strip_timing(v) for k, v in obj.items() if k not in TIMING}
+    if isinstance(obj, list):
+        return [strip_timing(v) for v in obj]
+    return obj
+
+
+@pytest.fixture(scope="module")
+def registry():
+    return load_plugins(strict=True)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("KDZOO_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def plan_of(mapping, fingerprint="fp0"):
+    return B.expand(parse(BenchConfig, mapping), fingerprint)
+
+
+# -- plan ----------------------------------------------------------------------------------------
+def test_plan_expansion_sweeps_and_baseline():
+    plan = plan_of({**TINY, "students": ["wrn_16_1", "resnet20"], "seeds": [0, 1],
+                    "methods": ["fitnets", {"name": "kd", "T": [2, 4, 8], "w_kd": 0.9}]})
+    assert [v.label for v in plan.variants] == ["ce", "fitnets", "kd(T=2, w_kd=0.9)", "kd(T=4, w_kd=0.9)",
+                                                "kd(T=8, w_kd=0.9)"]
+    assert plan.variants[2].hparams == {"T": 2, "w_kd": 0.9}
+    assert len(plan.cohorts) == 2 * 2 and all(len(c.runs) == 5 for c in plan.cohorts)
+    assert len({r.run_id for r in plan.runs}) == 20
+    assert plan.pairs == [("resnet20", "wrn_16_1"), ("resnet20", "resnet20")]
+    solo = plan_of({**TINY, "cohorts": False})
+    assert len(solo.cohorts) == 3 and all(len(c.runs) == 1 for c in solo.cohorts)
+    assert {r.run_id for r in solo.runs} == {r.run_id for r in plan_of(TINY).runs}  # cohorts don't change results
+    explicit = plan_of({**TINY, "methods": ["ce", "kd"]})
+    assert [v.label for v in explicit.variants] == ["ce", "kd"]
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({"methods": ["kd", "kd"]}, "more than once"),
+    ({"methods": [{"T": 2}]}, "methods[0] must be a method name"),
+    ({"methods": [{"name": "kd", "T": []}]}, "methods[0].T is an empty sweep"),
+    ({"pairs": [["resnet20", "nope"]]}, "pairs[0]"),
+    ({"seeds": []}, "seeds"),
+    ({"teacher_recipe": {"epoch": 2}}, "Unknown key 'teachers[0].recipe.epoch'"),
+])
+def test_plan_errors(change, fragment):
+    with pytest.raises(KDZooError) as e:
+        plan_of({**TINY, **change})
+    assert fragment in str(e.value)
+
+
+def test_teacher_key_changes_with_every_determining_field():
+    base = plan_of(TINY).teachers[0].key
+    assert plan_of(TINY).teachers[0].key == base
+    variants = [
+        {**TINY, "teachers": [{"model": "resnet32"}]},
+        {**TINY, "teachers": [{"model": "resnet20", "seed": 1}]},
+        {**TINY, "teachers": [{"model": "resnet20", "options": {"drop_rate": 0.1}}]},
+        {**TINY, "teacher_recipe": {"epochs": 3}},
+        {**TINY, "recipe": {**TINY["recipe"], "lr": 0.1}},
+    ]
+    keys = [plan_of(v).teachers[0].key for v in variants] + [plan_of(TINY, "fp1").teachers[0].key]
+    assert base not in keys and len(set(keys)) == len(keys)
+    # student-only settings do not retrain the teacher
+    assert plan_of({**TINY, "student_recipe": {"epochs": 9}, "seeds": [5]}).teachers[0].key == base
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({"students": ["wrn_16_l"]}, "Unknown model 'wrn_16_l'"),
+    ({"methods": ["kd", "atention"]}, "methods[1] (atention)"),
+    ({"methods": [{"name": "kd", "TT": 2}]}, "Did you mean 'T'"),
+    ({"methods": [{"name": "fitnets", "hint_stage": 7}]}, "hint_stage"),
+])
+def test_validation_before_training_names_the_path(registry, change, fragment):
+    with pytest.raises(KDZooError) as e:
+        B.validate(plan_of({**TINY, **change}), registry)
+    assert fragment in str(e.value)
+
+
+# -- running in-process --------------------------------------------------------------------------
+class FailsAtEpoch2(Method):
+    name = "flaky"
+    needs_teacher = False
+    defaults = {"w_ce": 1.0}
+
+    def forward(self, student, teacher, labels):
+        if self.epoch >= 1:
+            raise RuntimeError("flaky plugin gave up")
+        return {"ce": self.ce(student.logits, labels)}
+
+
+def test_failed_run_is_recorded_and_the_rest_continue(cifar_path, cache, tmp_path):
+    plugin = types.SimpleNamespace(register_methods=hookimpl(lambda register: register(FailsAtEpoch2)))
+    registry = load_plugins(extra=[("flaky-plugin", plugin)])
+    cfg = tmp_path / "b.yaml"
+    cfg.write_text(yaml.safe_dump({**TINY, "methods": ["kd", "flaky"], "recipe": {**TINY["recipe"], "epochs": 2}}))
+    plan, data, device = B.prepare(cfg, registry)
+    store = Store(tmp_path / "out")
+    outcome = B.run_plan(plan, data, registry, store, device)
+    runs = {r["variant"]: r for r in store.runs() if r["kind"] == "student"}
+    assert runs["flaky"]["status"] == "failed" and "flaky plugin gave up" in runs["flaky"]["error"]
+    assert "plugin 'flaky-plugin'" in runs["flaky"]["error"] and runs["flaky"]["epochs_done"] == 1
+    assert runs["kd"]["status"] == runs["ce"]["status"] == "ok" and runs["kd"]["epochs_done"] == 2
+    assert [f["variant"] for f in outcome["failed"]] == ["flaky"]
+    # the teacher is cached: a second benchmark reuses it without training
+    teacher_ckpt = B.TeacherJob.checkpoint_path.fget(plan.teachers[0])
+    mtime = teacher_ckpt.stat().st_mtime_ns
+    events = []
+    other = Store(tmp_path / "out2")
+    record = B.ensure_teacher(plan.teachers[0], plan, data, registry, other, device, B.Progress(),
+                              lambda e, d: events.append((e, d)))
+    assert events == [("teacher", f"resnet20: cached ({plan.teachers[0].dir})")]
+    assert other.has_run(record["run_id"]) and record["last"]["top1"] > 0
+    assert teacher_ckpt.stat().st_mtime_ns == mtime
+    # and rerunning in the same folder trains nothing
+    events.clear()
+    again = B.run_plan(plan, data, registry, store, device, say=lambda e, d: events.append((e, d)))
+    assert again["trained"] == 0 and again["skipped"] == 3 and not [e for e in events if e[0] == "cohort"]
+
+
+# -- kill -9 and resume ---------------------------------------------------------------------------
+def _bench_cmd(cfg: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "kdzoo.cli", "bench", str(cfg), "--out", str(out)]
+
+
+def _store_snapshot(out: Path) -> dict[str, dict]:
+    return {p.name: strip_timing(json.loads(p.read_text())) for p in sorted((out / "runs").glob("*.json"))}
+
+
+def _kill_when(cmd, env, condition, timeout=300):
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if condition():
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return True
+        time.sleep(0.02)
+    proc.wait()
+    return False
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cifar_path, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    cfg = root / "b.yaml"
+    cfg.write_text(yaml.safe_dump({**TINY, "cohorts": False}))
+    env = {**os.environ, "KDZOO_CACHE": str(root / "cache"), "KDZOO_DATA": cifar_path}
+    subprocess.run(_bench_cmd(cfg, root / "ref"), env=env, check=True, capture_output=True)
+    return cfg, env, _store_snapshot(root / "ref")
+
+
+def _students(out: Path) -> list[Path]:
+    return [p for p in (out / "runs").glob("*.json") if not p.name.startswith("teacher-")] if (out / "runs").is_dir() else []
+
+
+@pytest.mark.parametrize("point", ["teacher", "mid-run", "after-result"])
+def test_kill_9_and_resume_equals_uninterrupted(uninterrupted, tmp_path, point):
+    cfg, env, reference = uninterrupted
+    assert len(reference) == 4 and all(r["status"] == "ok" for r in reference.values())
+    out = tmp_path / "out"
+    env = dict(env)
+    if point == "teacher":  # a fresh cache, killed once the teacher has saved an epoch
+        env["KDZOO_CACHE"] = str(tmp_path / "cache")
+        condition = lambda: any((tmp_path / "cache").glob("teachers/*/state.pt"))  # noqa: E731
+    elif point == "mid-run":
+        condition = lambda: any((out / "cohorts").glob("*.pt")) if (out / "cohorts").is_dir() else False  # noqa: E731
+    else:
+        condition = lambda: len(_students(out)) >= 1  # noqa: E731
+    assert _kill_when(_bench_cmd(cfg, out), env, condition), "the run finished before the kill point"
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in _students(out)}
+    for p in out.rglob("*.json"):
+        json.loads(p.read_text())  # nothing written is corrupt
+    resumed = subprocess.run(_bench_cmd(cfg, out), env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    after = _store_snapshot(out)
+    assert after == reference
+    for name, (mtime, content) in before.items():  # finished results were not redone or rewritten
+        assert (out / "runs" / name).stat().st_mtime_ns == mtime and (out / "runs" / name).read_bytes() == content
+    if point != "after-result":
+        assert "resuming at epoch" in resumed.stderr
+    assert not list(out.rglob("*.tmp")) and not list((out / "cohorts").glob("*.pt"))
