@@ -140,14 +140,19 @@ def expand_variants(methods: list[Any]) -> list[Variant]:
             entry = {"name": entry}
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
             raise KDZooError(f"{path} must be a method name or a mapping with a `name:` key, got {entry!r}.")
-        hp = {k: v for k, v in entry.items() if k != "name"}
+        label = entry.get("label")
+        if label is not None and not isinstance(label, str):
+            raise KDZooError(f"{path}.label must be a string, got {label!r}.")
+        hp = {k: v for k, v in entry.items() if k not in ("name", "label")}
         sweeps = {k: v for k, v in hp.items() if isinstance(v, list)}
         for k, v in sweeps.items():
             if not v:
                 raise KDZooError(f"{path}.{k} is an empty sweep; give at least one value.")
         for combo in itertools.product(*sweeps.values()) if sweeps else [()]:
             fixed = {**hp, **dict(zip(sweeps, combo))}
-            out.append(Variant(_label(entry["name"], fixed), entry["name"], fixed, path))
+            # An explicit label names the column; sweep values are still spelled out.
+            name = _label(label, dict(zip(sweeps, combo))) if label else _label(entry["name"], fixed)
+            out.append(Variant(name, entry["name"], fixed, path))
     labels = [v.label for v in out]
     dupes = sorted({x for x in labels if labels.count(x) > 1})
     if dupes:

@@ -70,6 +70,9 @@ def test_plan_expansion_sweeps_and_baseline():
     solo = plan_of({**TINY, "cohorts": False})
     assert len(solo.cohorts) == 3 and all(len(c.runs) == 1 for c in solo.cohorts)
     assert {r.run_id for r in solo.runs} == {r.run_id for r in plan_of(TINY).runs}  # cohorts don't change results
+    labelled = plan_of({**TINY, "methods": [{"name": "kd", "label": "hinton", "T": [2, 4], "w_kd": 0.5}]})
+    assert [v.label for v in labelled.variants] == ["ce", "hinton(T=2)", "hinton(T=4)"]
+    assert labelled.variants[1].hparams == {"T": 2, "w_kd": 0.5}
     explicit = plan_of({**TINY, "methods": ["ce", "kd"]})
     assert [v.label for v in explicit.variants] == ["ce", "kd"]
 
@@ -219,3 +222,16 @@ def test_kill_9_and_resume_equals_uninterrupted(uninterrupted, tmp_path, point):
     if point != "after-result":
         assert "resuming at epoch" in resumed.stderr
     assert not list(out.rglob("*.tmp")) and not list((out / "cohorts").glob("*.pt"))
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("benchmarks/*.yaml")), ids=lambda p: p.name)
+def test_shipped_benchmarks_are_valid(registry, path):
+    from kdzoo.config import read_yaml
+
+    plan = B.expand(parse(BenchConfig, read_yaml(path)), "fp")
+    assert plan.variants[0].label == "ce" and len(plan.bench.seeds) >= 2
+    B.validate(plan, registry)
+    if plan.bench.reference:
+        columns = {v.label for v in plan.variants} | {"teacher"}
+        for row in plan.bench.reference.rows:
+            assert (row.teacher, row.student) in plan.pairs and set(row.values) <= columns
