@@ -425,13 +425,16 @@ def run_plan(plan: Plan, data: CifarData, registry: Registry, store: Store, devi
     return {"trained": done, "skipped": skipped, "failed": failed}
 
 
-def prepare(path: str | Path, registry: Registry, device: str | None = None, cohorts: bool | None = None):
+def prepare(path: str | Path, registry: Registry, device: str | None = None, cohorts: bool | None = None,
+            data_source: str | None = None):
     """Read and validate a benchmark file; returns ``(plan, data, device)``. Nothing is trained."""
     from kdzoo.config import read_yaml
 
     bench = parse(BenchConfig, read_yaml(path))
     if cohorts is not None:
         bench.cohorts = cohorts
+    if data_source is not None:
+        bench.data.source = data_source
     dev = resolve_device(device or bench.device)
     data = load_data(bench, dev)
     plan = expand(bench, data.fingerprint)
