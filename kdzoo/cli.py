@@ -97,10 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cohorts", action="store_true", help="train every run alone (for comparison)")
     p.add_argument("--metric", choices=("last", "best"), default="last", help="accuracy shown in the table")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the file's, else auto)")
+    p.add_argument("--data", metavar="SOURCE", help="override the file's data source (auto, torchvision, or a .npz path)")
     p = add("report", "re-render a benchmark's table from its results folder, without training")
     p.add_argument("dir", help="the --out folder of `kdzoo bench`")
     p.add_argument("--metric", choices=("last", "best"), default="last", help="accuracy shown in the table")
     p.add_argument("--no-export", action="store_true", help="do not (re)write report.md/.csv/.json")
+    p = add("new-plugin", "write a ready-to-install method package kdzoo-NAME (pyproject, skeleton, README, tests)")
+    p.add_argument("name", help="method name: lowercase letters, digits, underscores (e.g. my_kd)")
+    p.add_argument("--dir", default=".", help="parent folder of the new package (default: the current folder)")
     return parser
 
 
@@ -192,7 +196,8 @@ def cmd_bench(args: argparse.Namespace, registry: Registry) -> int:
     from kdzoo.progress import RichProgress
     from kdzoo.store import Store
 
-    plan, data, device = bench.prepare(args.file, registry, device=args.device, cohorts=False if args.no_cohorts else None)
+    plan, data, device = bench.prepare(args.file, registry, device=args.device,
+                                       cohorts=False if args.no_cohorts else None, data_source=args.data)
     out = Path(args.out or f"runs/bench/{plan.bench.name}")
     store = Store(out)
     teachers_todo = [t for t in plan.teachers if not t.checkpoint and not (t.dir / "metrics.json").is_file()]
@@ -250,8 +255,17 @@ def cmd_report(args: argparse.Namespace, registry: Registry) -> None:
     report(Store(args.dir), args.metric, export=not args.no_export)
 
 
+def cmd_new_plugin(args: argparse.Namespace, registry: Registry) -> None:
+    from kdzoo.scaffold import new_plugin
+
+    folder = new_plugin(args.name, args.dir, taken=registry.methods)
+    console.print(f"Wrote {folder}. Next: cd {folder} && pip install -e \".[test]\" && pytest; then "
+                  f"`kdzoo plugins` lists it and `--method {args.name}` uses it. See docs/writing-plugins.md.",
+                  markup=False, highlight=False, soft_wrap=True)
+
+
 COMMANDS = {"plugins": cmd_plugins, "methods": cmd_methods, "models": cmd_models, "train": cmd_run, "distill": cmd_run,
-            "bench": cmd_bench, "report": cmd_report}
+            "bench": cmd_bench, "report": cmd_report, "new-plugin": cmd_new_plugin}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

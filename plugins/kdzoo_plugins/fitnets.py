@@ -16,8 +16,9 @@ The regressor is a submodule of the method, so it is trained by the student's op
 saved in the checkpoint with the student.
 
 ``hint_epochs`` offers the original paper's two-stage schedule: during the first
-``hint_epochs`` epochs only the hint term is returned (the student up to the hint stage learns
-to match the teacher), afterwards ``w_ce * CE + w_hint * hint``. The default 0 is the
+``hint_epochs`` epochs the CE term is weighted 0 and only the hint trains (the student up to the
+hint stage learns to match the teacher), afterwards ``w_ce * CE + w_hint * hint``. (The paper's
+second stage is KD; this keeps RepDistiller's CE + hint.) The default 0 is the
 single-stage RepDistiller recipe.
 """
 from __future__ import annotations
@@ -55,7 +56,7 @@ def make_regressor(s_channels: int, s_size: tuple[int, int], t_channels: int, t_
 class FitNets(Method):
     """FitNets: ``w_ce * CE(s, y) + w_hint * MSE(regressor(s_feat[hint_stage]), t_feat[paired])``.
 
-    Terms: ``"ce"`` and ``"hint"``; only ``"hint"`` while ``epoch < hint_epochs``.
+    Terms: ``"ce"`` and ``"hint"``; ``"ce"`` is weighted 0 while ``epoch < hint_epochs``.
     """
 
     name = "fitnets"
@@ -108,10 +109,8 @@ class FitNets(Method):
         return (r - t).pow(2).mean()
 
     def forward(self, student: Outputs, teacher: Outputs, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        hint = self.w_hint * self.hint_loss(student, teacher)
-        if self.epoch < self.hint_epochs:
-            return {"hint": hint}
-        return {"ce": self.w_ce * self.ce(student.logits, labels), "hint": hint}
+        w_ce = 0.0 if self.epoch < self.hint_epochs else self.w_ce
+        return {"ce": w_ce * self.ce(student.logits, labels), "hint": self.w_hint * self.hint_loss(student, teacher)}
 
 
 @hookimpl
