@@ -2,7 +2,7 @@
 metadata, its own entry point): kdzoo lists it, trains it, disables and uninstalls it cleanly,
 and its own test suite passes with kdzoo.testing's pytest plugin.
 
-(The `kdzoo bench` run with dkd is tested with the benchmark runner.)
+It also appears as its own column in a `kdzoo bench` table next to the built-in methods.
 """
 from __future__ import annotations
 
@@ -110,3 +110,25 @@ def test_uninstalling_removes_it_cleanly(dkd, tmp_path):
     assert "dkd" not in listed and all(p["dist"] != "kdzoo-dkd" for p in listed.values())
     assert all(p["status"] == "ok" for p in listed.values())  # no broken leftover
     assert not re.search(r"\bdkd\b", copy.kdzoo("methods").stdout)
+
+
+def test_bench_trains_dkd_next_to_builtin_methods(dkd, cifar_path, tmp_path):
+    import yaml
+
+    cfg = tmp_path / "dkd.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "name": "dkd-smoke", "data": {"train_size": 256, "test_size": 200}, "seeds": [0],
+        "recipe": {"epochs": 1, "batch_size": 64, "eval_batch_size": 200}, "teacher_recipe": {"epochs": 1},
+        "teachers": ["resnet20"], "students": ["wrn_16_1"], "methods": ["kd", {"name": "dkd", "warmup": 1}],
+    }))
+    env = dkd.env(KDZOO_DATA=cifar_path, KDZOO_CACHE=str(tmp_path / "cache"))
+    proc = dkd.kdzoo("bench", str(cfg), "--out", str(tmp_path / "out"), env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["columns"] == ["ce", "kd", "dkd(warmup=1)"]
+    dkd_cells = [c for c in report["cells"] if c["variant"] == "dkd(warmup=1)"]
+    assert len(dkd_cells) == 1 and dkd_cells[0]["status"] == "ok" and dkd_cells[0]["mean"] > 0
+    assert "dkd(warmup=1)" in proc.stdout
+    (record,) = [json.loads(p.read_text()) for p in (tmp_path / "out" / "runs").glob("*.json")
+                 if json.loads(p.read_text()).get("method") == "dkd"]
+    assert set(record["history"][0]["loss"]) == {"ce", "tckd", "nckd"}
