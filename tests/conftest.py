@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 
 @pytest.fixture(scope="session")
@@ -91,3 +92,12 @@ def install_package(tmp_path_factory):
         return InstalledPackage(source, site)
 
     return install
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny batches train fastest on one thread, and a busy shared CPU makes two spinning threads far slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

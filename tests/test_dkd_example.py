@@ -62,15 +62,6 @@ def test_own_test_suite_passes_with_the_kdzoo_pytest_plugin(dkd):
     assert re.search(r"\b6 passed\b", proc.stdout) and "skipped" not in proc.stdout, proc.stdout[-500:]
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny batches train fastest on one thread, and a busy shared CPU makes two spinning threads far slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_trains_in_a_cohort_next_to_a_builtin_method(one_thread, dkd, cifar_path, monkeypatch):
     monkeypatch.syspath_prepend(str(dkd.site))
     monkeypatch.delenv("KDZOO_LOAD_PLUGINS", raising=False)

@@ -80,15 +80,6 @@ def broken_dist(tmp_path, monkeypatch):
     sys.modules.pop("kdzoo_broken_methods", None)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny batches train fastest on one thread, and a busy shared CPU makes two spinning threads far slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_a_broken_method_fails_its_own_run_and_names_its_plugin(one_thread, broken_dist, cifar_path):
     registry = load_plugins(strict=True)
     assert registry.plugin("brokenpkg").methods == sorted(EXPECTED)
