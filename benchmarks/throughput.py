@@ -1,6 +1,7 @@
 """Training throughput of kdzoo, measured against the anchors' way of training, in one process.
 
     KDZOO_DATA=/path/to/cifar10.npz python benchmarks/throughput.py [--device cpu|cuda] [--quick] [--json PATH]
+        [--ablate] [--only P1,P3] [--batch-size N] [--window STEPS] [--windows N] [--warmup N]
 
 Rows (images per second are medians over timed windows, after untimed warm-up windows):
 
@@ -13,8 +14,8 @@ Rows (images per second are medians over timed windows, after untimed warm-up wi
   the same five trained one after another (five ``Trainer``); the ratio is the cost of the
   cohort relative to the separate runs for the same images.
 * **P3** the engine against a minimal loop written here over the *same* tensor data path
-  (``CifarData.train_batches``), the same models, method, optimiser and memory format: the
-  engine's overhead.
+  (``CifarData.train_batches``), the same models, method, optimiser, memory format and autocast
+  dtype: the engine's overhead.
 * **P4** the data path alone (``train_batches`` over one epoch) against DataLoader + PIL (best
   ``num_workers``) over a fixed number of batches.
 * **P5** resnet20 trained with ``ce`` in the engine, converted to FLOP/s (3x the forward FLOPs
@@ -29,13 +30,18 @@ per-epoch evaluation (on 10 test images here) is excluded. The other loops are t
 ``time.perf_counter`` around the same number of steps, including the DataLoader iterator's start.
 Memory: peak RSS of this process per configuration (``/proc/self/clear_refs`` resets the peak
 between windows; DataLoader workers are not included) or the CUDA peak allocated.
+
+Run it on an otherwise idle machine. On a shared 2-core CPU another busy process does not just
+take its share: torch's worker threads wait for each other at every operator, so a step can get
+tens of times slower, and more so for configurations with more (smaller) operators. Interleaving
+spreads that over the configurations, but ratios measured under such load are not meaningful;
+the table prints the load average before and after.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
-import math
 import os
 import platform
 import statistics
@@ -52,7 +58,7 @@ from torch import nn
 from kdzoo import KDZooError
 from kdzoo.config import Recipe
 from kdzoo.data import CIFAR10_MEAN, CIFAR10_STD, CifarData, load_cifar10, prepare_data
-from kdzoo.engine import Member, Trainer, resolve_device
+from kdzoo.engine import Member, Trainer, autocast_dtype, resolve_device
 from kdzoo.plugins import Registry, load_plugins
 from kdzoo.runner import build_method, build_student
 
@@ -221,21 +227,23 @@ def separate_runner(trainers: list[Trainer]) -> Callable[[int], float]:
     return run
 
 
-def minimal_runner(registry: Registry, data: CifarData, batch_size: int, device: torch.device) -> Callable[[int], float]:
-    """The least code that trains the same student with the same method on the same batches."""
-    teacher = make_teacher(registry).to(device, memory_format=torch.channels_last)
+def minimal_runner(registry: Registry, data: CifarData, recipe: Recipe, device: torch.device) -> Callable[[int], float]:
+    """The least code that trains the same student with the same method, memory format and autocast
+    dtype as the engine under ``recipe``, on the same batches."""
+    fmt = torch.channels_last if recipe.channels_last else torch.contiguous_format
+    teacher = make_teacher(registry).to(device, memory_format=fmt)
     m = make_member(registry, "kd", teacher)
-    student, method = m.student.to(device, memory_format=torch.channels_last), m.method.to(device)
+    student, method = m.student.to(device, memory_format=fmt), m.method.to(device)
     student.train()
     opt = torch.optim.SGD(list(student.parameters()) + list(method.parameters()), lr=0.05, momentum=0.9,
                           weight_decay=5e-4)
-    amp = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    amp = autocast_dtype(recipe, device)
 
     def run(epoch: int) -> float:
         sync(device)
         t0, n = time.perf_counter(), 0
-        for x, y in data.train_batches(SEED, epoch, batch_size):
-            x = x.contiguous(memory_format=torch.channels_last)
+        for x, y in data.train_batches(SEED, epoch, recipe.batch_size):
+            x = x.contiguous(memory_format=fmt)
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 with torch.no_grad():
                     t_out = teacher(x)
@@ -365,10 +373,11 @@ def forward_flops_per_image(model: nn.Module, device: torch.device, batch: int =
     return counter.get_total_flops() / batch
 
 
-def matmul_runner(n: int, reps: int, device: torch.device) -> Callable[[int], float]:
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
-    c = torch.empty(n, n, device=device)
+def matmul_runner(n: int, reps: int, device: torch.device, dtype: torch.dtype = torch.float32) -> Callable[[int], float]:
+    """FLOP/s of ``reps`` (n x n) @ (n x n) products in ``dtype``."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    c = torch.empty(n, n, device=device, dtype=dtype)
 
     def run(epoch: int) -> float:
         torch.mm(a, b, out=c)
@@ -395,7 +404,7 @@ class Row:
     ratio: float
     ratio_text: str
     goal: str
-    met: bool
+    met: bool | None  # None for ablations, which have no goal
 
     def as_dict(self) -> dict[str, Any]:
         return {"key": self.key, "what": self.what, "ours": self.ours.as_dict(), "base": self.base.as_dict(),
@@ -416,7 +425,8 @@ def run_benchmark(path: str, device: torch.device, s: Settings, only: tuple[str,
                   ablate: bool = False) -> dict[str, Any]:
     """Measure the rows in ``only`` (see the module docstring); return a JSON-able dict.
 
-    ``ablate`` adds, interleaved with P1, the engine with channels_last off and with bf16 autocast.
+    ``ablate`` adds the engine with channels_last off and with autocast flipped (with P1/P3), P2 with
+    autocast flipped and, with P5 where the engine computes in bf16, the student trained in float32.
     """
     started = time.perf_counter()
     load_start = os.getloadavg()
@@ -451,8 +461,12 @@ def run_benchmark(path: str, device: torch.device, s: Settings, only: tuple[str,
         runners["kdzoo"] = engine_runner(Trainer([make_member(registry, "kd", teacher)], window_data, recipe,
                                                  teacher=teacher, seed=SEED, device=device))
         if "P3" in only:
-            runners["minimal"] = minimal_runner(registry, window_data, B, device)
-        variants = {"channels_last=off": dict(channels_last=False), "autocast=bf16": dict(autocast="bf16")}
+            runners["minimal"] = minimal_runner(registry, window_data, recipe, device)
+        variants = {"channels_last=off": dict(channels_last=False)}
+        if autocast_dtype(recipe, device) is None:
+            variants["autocast=bf16"] = dict(autocast="bf16")
+        else:
+            variants["autocast=off"] = dict(autocast="off")
         for name, kw in variants.items() if ablate else ():
             t = make_teacher(registry)
             runners[f"kdzoo {name}"] = engine_runner(Trainer([make_member(registry, "kd", t)], window_data,
@@ -475,22 +489,32 @@ def run_benchmark(path: str, device: torch.device, s: Settings, only: tuple[str,
         for name in variants if ablate else ():
             ra = paired_ratio(p13[f"kdzoo {name}"], p13["kdzoo"])
             rows[name] = Row("A", f"engine with {name} vs the default (kd {TEACHER}->{STUDENT})",
-                             p13[f"kdzoo {name}"], p13["kdzoo"], ra, f"{ra:.2f}x", "(ablation)", ra < 1)
+                             p13[f"kdzoo {name}"], p13["kdzoo"], ra, f"{ra:.2f}x", "(ablation)", None)
 
     # -- P2: cohort vs separate -----------------------------------------------------------------
     if "P2" in only:
         say("P2: cohort of five vs five separate runs ...")
-        teacher = make_teacher(registry)
-        cohort = Trainer([make_member(registry, m, teacher) for m in COHORT], window_data, recipe, teacher=teacher,
-                         seed=SEED, device=device)
-        solos = [Trainer([make_member(registry, m, teacher)], window_data, recipe, teacher=teacher, seed=SEED,
-                         device=device) for m in COHORT]
-        p2 = interleave({"cohort": engine_runner(cohort, len(COHORT)), "separate": separate_runner(solos)},
-                        s.windows, s.warmup, mem, units={"cohort": "member-img/s", "separate": "member-img/s"})
-        r2 = paired_ratio(p2["separate"], p2["cohort"])  # cost of the cohort / cost of separate runs
-        rows["P2"] = Row("P2", f"cohort of {len(COHORT)} ({', '.join(COHORT)}) vs {len(COHORT)} separate runs",
-                         p2["cohort"], p2["separate"], r2, f"cost {r2:.2f}", "<= 0.70", r2 <= 0.70)
-        del cohort, solos
+        recipes = {"": recipe}
+        if ablate:
+            flip = "off" if autocast_dtype(recipe, device) is not None else "bf16"
+            recipes[f" autocast={flip}"] = bench_recipe(B, autocast=flip)
+        runners = {}
+        for suffix, rec in recipes.items():
+            teacher = make_teacher(registry)
+            cohort = Trainer([make_member(registry, m, teacher) for m in COHORT], window_data, rec, teacher=teacher,
+                             seed=SEED, device=device)
+            solos = [Trainer([make_member(registry, m, teacher)], window_data, rec, teacher=teacher, seed=SEED,
+                             device=device) for m in COHORT]
+            runners[f"cohort{suffix}"] = engine_runner(cohort, len(COHORT))
+            runners[f"separate{suffix}"] = separate_runner(solos)
+        p2 = interleave(runners, s.windows, s.warmup, mem, units={k: "member-img/s" for k in runners})
+        for suffix in recipes:
+            r2 = paired_ratio(p2[f"separate{suffix}"], p2[f"cohort{suffix}"])  # cohort cost / separate cost
+            what = f"cohort of {len(COHORT)} ({', '.join(COHORT)}) vs {len(COHORT)} separate runs"
+            rows["P2" + suffix] = Row("P2" if not suffix else "A", what + (f", with{suffix}" if suffix else ""),
+                                      p2[f"cohort{suffix}"], p2[f"separate{suffix}"], r2, f"cost {r2:.2f}",
+                                      "<= 0.70" if not suffix else "(ablation)", r2 <= 0.70 if not suffix else None)
+        del runners
 
     # -- P4: the data path alone ----------------------------------------------------------------
     if "P4" in only:
@@ -515,15 +539,38 @@ def run_benchmark(path: str, device: torch.device, s: Settings, only: tuple[str,
         student_trainer = Trainer([make_member(registry, "ce", None)], window_data, recipe, seed=SEED, device=device)
         fwd = forward_flops_per_image(student_trainer.members[0].student, device)
         train_rate = engine_runner(student_trainer)
-        p5 = interleave({"training": lambda e: 3 * fwd * train_rate(e),
-                         "matmul peak": matmul_runner(s.matmul_n, s.matmul_reps, device)},
-                        s.windows, s.warmup, mem, units={"training": "FLOP/s", "matmul peak": "FLOP/s"})
+        dtype = "bf16 autocast" if student_trainer.amp == torch.bfloat16 else "fp32"
+        runners = {"training": lambda e: 3 * fwd * train_rate(e),
+                   "matmul peak": matmul_runner(s.matmul_n, s.matmul_reps, device)}
+        if student_trainer.amp is not None:  # the engine computes in bf16: show that peak too
+            runners["bf16 matmul peak"] = matmul_runner(s.matmul_n, s.matmul_reps, device, torch.bfloat16)
+            if ablate:
+                fp32_rate = engine_runner(Trainer([make_member(registry, "ce", None)], window_data,
+                                                  bench_recipe(B, autocast="off"), seed=SEED, device=device))
+                runners["fp32 training"] = lambda e: 3 * fwd * fp32_rate(e)
+        p5 = interleave(runners, s.windows, s.warmup, mem, units={k: "FLOP/s" for k in runners})
+        p5["training"].label = f"{STUDENT} training, {dtype}"
         p5["matmul peak"].label = f"fp32 matmul peak, n={s.matmul_n}"
         r5 = paired_ratio(p5["training"], p5["matmul peak"])
         extra["resnet20_forward_flops_per_image"] = fwd
         extra["resnet20_train_img_per_s"] = p5["training"].median / (3 * fwd)
-        rows["P5"] = Row("P5", f"{STUDENT} training (ce) as FLOP/s, 3 x {fwd / 1e6:.1f} MFLOP/img",
+        extra["resnet20_train_dtype"] = dtype
+        if "bf16 matmul peak" in p5:
+            extra["bf16_matmul_peak"] = p5["bf16 matmul peak"].as_dict()
+            extra["fraction_of_bf16_peak"] = paired_ratio(p5["training"], p5["bf16 matmul peak"])
+        rows["P5"] = Row("P5", f"{STUDENT} training (ce, {dtype}) as FLOP/s, 3 x {fwd / 1e6:.1f} MFLOP/img",
                          p5["training"], p5["matmul peak"], r5, f"{100 * r5:.0f}% of peak", ">= 50%", r5 >= 0.5)
+        if "fp32 training" in p5:
+            rf = paired_ratio(p5["fp32 training"], p5["matmul peak"])
+            p5["fp32 training"].label = f"{STUDENT} training, autocast off (fp32)"
+            rows["P5 fp32"] = Row("A", "P5 with autocast off: fp32 training vs the fp32 matmul peak",
+                                  p5["fp32 training"], p5["matmul peak"], rf, f"{100 * rf:.0f}% of peak", "(ablation)",
+                                  None)
+        if "bf16 matmul peak" in p5:
+            rb = extra["fraction_of_bf16_peak"]
+            rows["P5 bf16"] = Row("P5'", f"the same against the bf16 matmul peak (the dtype it computes in)",
+                                  p5["training"], p5["bf16 matmul peak"], rb, f"{100 * rb:.0f}% of peak",
+                                  "(info)", None)
 
     return {
         "device": str(device),
@@ -574,7 +621,7 @@ def print_table(result: dict[str, Any]) -> None:
         ours, base = r["ours"], r["base"]
         table.add_row(r["key"], r["what"], _fmt(ours["median"], ours["unit"]),
                       f"{_fmt(base['median'], base['unit'])}\n({base['label']})", r["ratio_text"], r["goal"],
-                      "yes" if r["met"] else "NO", f"{ours['peak_mb']:.0f} / {base['peak_mb']:.0f}")
+                      "-" if r["met"] is None else "yes" if r["met"] else "NO", f"{ours['peak_mb']:.0f} / {base['peak_mb']:.0f}")
     console = Console()
     if not console.is_terminal:
         console = Console(width=160)
@@ -591,7 +638,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--quick", action="store_true", help="tiny windows: checks that everything runs (seconds)")
     p.add_argument("--json", metavar="PATH", help="also write the numbers to PATH")
     p.add_argument("--ablate", action="store_true",
-                   help="also time the engine with channels_last off and with bf16 autocast (with P1/P3)")
+                   help="also time the engine with channels_last off and autocast flipped (P1/P3), P2 with "
+                        "autocast flipped, and fp32 training in P5")
     p.add_argument("--only", default=",".join(ROWS), help="comma-separated rows to measure (default: all)")
     for name in ("batch_size", "window", "windows", "warmup"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, help=f"override the setting {name}")

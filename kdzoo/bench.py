@@ -324,7 +324,7 @@ def ensure_teacher(job: TeacherJob, plan: Plan, data: CifarData, registry: Regis
         record = {**result, "run_id": run_id, "kind": "teacher", "model": job.model, "teacher": None,
                   "student": {"model": job.model, "params": count_params(student)}, "variant": "teacher",
                   "seed": job.seed, "key": job.key, "recipe": dataclasses.asdict(job.recipe),
-                  "data": _data_info(data), "environment": environment(device)}
+                  "data": _data_info(data), "environment": environment(device, job.recipe)}
         if result["status"] == "ok":
             save_checkpoint(job.checkpoint_path, {
                 "model": job.model, "model_options": job.options, "num_classes": NUM_CLASSES,
@@ -364,7 +364,7 @@ def run_cohort(cohort: Cohort, teacher_record: dict[str, Any], plan: Plan, data:
     trainer = Trainer(members, data, cohort.recipe, teacher=teacher, seed=cohort.seed, device=device, progress=progress)
     state_path = store.cohort_path(cohort.cohort_id)
     results = _run_trainer(trainer, state_path, say)
-    env = environment(device)
+    env = environment(device, cohort.recipe)
     for run, member, result in zip(cohort.runs, members, results):
         if store.has_run(run.run_id):
             continue  # written before an interruption

@@ -52,7 +52,7 @@ class Recipe:
     label_smoothing: float = 0.0  # off by default: KD from smoothed teachers is worse (Müller et al., 2019)
     channels_last: bool = True
     compile: bool = False  # torch.compile the student
-    autocast: str = "auto"  # "auto" = bf16 on CUDA with bf16 support, off elsewhere; "off"; "bf16"
+    autocast: str = "auto"  # "auto": bf16 where native (CUDA with bf16, CPUs with AMX), else float32; "off"; "bf16"
     eval_batch_size: int = 1000
 
     def validate(self, path: str = "recipe") -> None:

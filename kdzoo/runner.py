@@ -60,10 +60,14 @@ def load_teacher(registry: Registry, path: str | Path) -> tuple[KDNet, dict[str,
     return net.eval().requires_grad_(False), ckpt
 
 
-def environment(device: torch.device) -> dict[str, Any]:
+def environment(device: torch.device, recipe: Any = None) -> dict[str, Any]:
+    """Versions and hardware of a run; with ``recipe``, the autocast dtype it resolved to."""
     import timm
 
-    return {
+    from kdzoo.engine import autocast_dtype
+
+    extra = {"autocast": str(autocast_dtype(recipe, device) or "float32")} if recipe is not None else {}
+    return {**extra,
         "kdzoo": kdzoo.__version__,
         "torch": torch.__version__,
         "timm": timm.__version__,
@@ -103,7 +107,7 @@ def run_single(cfg: RunConfig, registry: Registry, progress: Progress | None = N
                  if teacher_meta else None),
         data={"fingerprint": data.fingerprint, "train": len(data.train_y), "val": len(data.val_y), "test": len(data.test_y)},
         config=config_dict(cfg),
-        environment=environment(device),
+        environment=environment(device, cfg.recipe),
     )
     if result["status"] == "ok":
         save_checkpoint(out / "checkpoint.pt", {

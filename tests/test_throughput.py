@@ -22,7 +22,8 @@ def bench():
     return runpy.run_path(str(SCRIPT), run_name="throughput")
 
 
-def test_quick_run_has_every_row_with_finite_positive_ratios(bench, cifar_path, monkeypatch, tmp_path, capsys):
+def test_quick_run_has_every_row_with_finite_positive_ratios(bench, cifar_path, monkeypatch, tmp_path, capsys,
+                                                              one_thread):
     monkeypatch.setenv("KDZOO_DATA", cifar_path)
     out = tmp_path / "t.json"
     result = bench["main"](["--quick", "--json", str(out)])
