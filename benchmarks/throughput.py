@@ -568,7 +568,7 @@ def run_benchmark(path: str, device: torch.device, s: Settings, only: tuple[str,
                                   None)
         if "bf16 matmul peak" in p5:
             rb = extra["fraction_of_bf16_peak"]
-            rows["P5 bf16"] = Row("P5'", f"the same against the bf16 matmul peak (the dtype it computes in)",
+            rows["P5 bf16"] = Row("P5'", "the same against the bf16 matmul peak (the dtype it computes in)",
                                   p5["training"], p5["bf16 matmul peak"], rb, f"{100 * rb:.0f}% of peak",
                                   "(info)", None)
 

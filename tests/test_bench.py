@@ -1,7 +1,6 @@
 """The benchmark runner: plan expansion, validation, teacher cache, failure isolation, kill -9 and resume."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal

@@ -7,7 +7,6 @@ import sys
 import textwrap
 
 import pytest
-import torch
 
 from kdzoo.config import Recipe
 from kdzoo.data import prepare_data
