@@ -309,6 +309,13 @@ def summarize(records: list[dict[str, Any]], bench: dict[str, Any], metric: str 
 
     students = [r for r in records if r.get("kind") == "student"]
     teachers = [r for r in records if r.get("kind") == "teacher"]
+    if bench.get("run_ids") is not None:
+        # A folder rerun with an edited YAML keeps the old records; show only the current plan's.
+        planned = set(bench["run_ids"])
+        students = [r for r in students if r.get("run_id") in planned]
+    if bench.get("teachers"):
+        current = {f"teacher-{key}" for key in bench["teachers"].values()}
+        teachers = [r for r in teachers if r.get("run_id") in current]
     if bench.get("seeds") is not None:
         seeds = [int(s) for s in bench["seeds"]]
     else:

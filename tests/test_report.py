@@ -307,3 +307,15 @@ def test_teacher_runs_checkpoint_failed_and_planned_key():
     md = to_markdown(last)
     assert "| t1 → s | 94.00 | 2.00M | — | — | — |" in md and "| t2 → s | failed | 3.00M | — | — | — |" in md
     assert "- teacher t2 (teacher-k2): Loss became non-finite." in md
+
+
+def test_only_the_current_plans_runs_are_shown():
+    """A folder rerun with an edited YAML keeps old records; bench.json's run_ids decide what counts."""
+    def student(run_id, variant, top1):
+        return {"run_id": run_id, "kind": "student", "status": "ok", "error": None, "variant": variant, "seed": 0,
+                "teacher": {"model": "t", "key": "k"}, "student": {"model": "s", "params": 1000},
+                "last": {"top1": top1}, "best": {"top1": top1, "epoch": 1}}
+    records = [student("old-ce", "ce", 10.0), student("new-ce", "ce", 50.0), student("new-kd", "kd", 55.0)]
+    bench = {"columns": ["ce", "kd"], "pairs": [["t", "s"]], "seeds": [0], "run_ids": ["new-ce", "new-kd"]}
+    row = summarize(records, bench).rows[0]
+    assert {name: cell.stat.values for name, cell in zip(["ce", "kd"], row.cells)} == {"ce": [50.0], "kd": [55.0]}
