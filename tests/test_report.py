@@ -315,7 +315,7 @@ def test_only_the_current_plans_runs_are_shown():
         return {"run_id": run_id, "kind": "student", "status": "ok", "error": None, "variant": variant, "seed": 0,
                 "teacher": {"model": "t", "key": "k"}, "student": {"model": "s", "params": 1000},
                 "last": {"top1": top1}, "best": {"top1": top1, "epoch": 1}}
-    records = [student("old-ce", "ce", 10.0), student("new-ce", "ce", 50.0), student("new-kd", "kd", 55.0)]
+    records = [student("new-ce", "ce", 50.0), student("new-kd", "kd", 55.0), student("old-ce", "ce", 10.0)]
     bench = {"columns": ["ce", "kd"], "pairs": [["t", "s"]], "seeds": [0], "run_ids": ["new-ce", "new-kd"]}
     row = summarize(records, bench).rows[0]
     assert {name: cell.stat.values for name, cell in zip(["ce", "kd"], row.cells)} == {"ce": [50.0], "kd": [55.0]}
