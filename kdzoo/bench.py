@@ -442,7 +442,7 @@ def prepare(path: str | Path, registry: Registry, device: str | None = None, coh
     return plan, data, dev
 
 
-def estimate_seconds(plan: Plan, data: CifarData, registry: Registry, device: torch.device, steps: int = 3) -> float:
+def estimate_seconds(plan: Plan, data: CifarData, registry: Registry, device: torch.device, steps: int = 2) -> float:
     """A rough time estimate from a short measured probe: a few training steps of each distinct cohort shape."""
     probes: dict[tuple, float] = {}
     total = 0.0
@@ -469,7 +469,8 @@ def estimate_seconds(plan: Plan, data: CifarData, registry: Registry, device: to
 
 def _probe(registry: Registry, data: CifarData, model: str, options: dict[str, Any], variants: list[Variant],
            teacher: KDNet | None, device: torch.device, recipe: Recipe, steps: int) -> float:
-    """Seconds per training image of one cohort shape, from one short epoch on a few real batches."""
+    """Seconds per training image of one cohort shape: the second of two short epochs on a few real
+    batches (the first one pays for warm-up)."""
     n = min(len(data.train_y), recipe.batch_size * steps)
     probe_data = CifarData(data.train_x[:n], data.train_y[:n], data.test_x[:2], data.test_y[:2])
     members = []
@@ -477,6 +478,6 @@ def _probe(registry: Registry, data: CifarData, model: str, options: dict[str, A
         student = build_student(registry, model, options, 0)
         method = build_method(registry, v.method, v.hparams, student.info, teacher.info if teacher else None, 0)
         members.append(Member(v.label, student, method))
-    probe_recipe = dataclasses.replace(recipe, epochs=1, batch_size=min(recipe.batch_size, n), compile=False)
+    probe_recipe = dataclasses.replace(recipe, epochs=2, batch_size=min(recipe.batch_size, n), compile=False)
     (result, *_) = Trainer(members, probe_data, probe_recipe, teacher=teacher, seed=0, device=device).fit()
-    return 1.0 / max(result["history"][0]["train_img_per_s"], 1e-9) if result["history"] else 0.0
+    return 1.0 / max(result["history"][-1]["train_img_per_s"], 1e-9) if result["history"] else 0.0
