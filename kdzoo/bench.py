@@ -405,8 +405,13 @@ def load_data(bench: BenchConfig, device: torch.device) -> CifarData:
 def run_plan(plan: Plan, data: CifarData, registry: Registry, store: Store, device: torch.device,
              progress: Progress | None = None, say: Hook | None = None) -> dict[str, Any]:
     """Execute the plan, skipping what the store already holds. Returns counts of what happened."""
-    progress = progress or Progress()
-    say = say or (lambda event, detail: None)
+    with store.lock():
+        return _run_plan(plan, data, registry, store, device, progress or Progress(),
+                         say or (lambda event, detail: None))
+
+
+def _run_plan(plan: Plan, data: CifarData, registry: Registry, store: Store, device: torch.device,
+              progress: Progress, say: Hook) -> dict[str, Any]:
     store.write_bench(bench_summary(plan, data))
     teacher_records = {}
     for job in plan.teachers:

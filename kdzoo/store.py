@@ -22,7 +22,11 @@ run resumed after ``kill -9``) sees either the old file or the new one, never a 
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -81,3 +85,25 @@ class Store:
 
     def cohort_path(self, cohort_id: str) -> Path:
         return self.cohorts_dir / f"{cohort_id}.pt"
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the folder for one writer; a second ``kdzoo bench`` on it fails clearly.
+
+        An OS file lock (``flock``), so a killed process releases it at once and leaves no stale lock.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "w") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as e:
+                raise KDZooError(
+                    f"Another kdzoo process is writing to {self.root}. Wait for it to finish (or stop it), or "
+                    "pass a different --out folder: two runners on one folder would train the same runs twice."
+                ) from e
+            f.write(str(os.getpid()))
+            f.flush()
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)

@@ -234,3 +234,13 @@ def test_shipped_benchmarks_are_valid(registry, path):
         columns = {v.label for v in plan.variants} | {"teacher"}
         for row in plan.bench.reference.rows:
             assert (row.teacher, row.student) in plan.pairs and set(row.values) <= columns
+
+
+def test_one_runner_per_folder(tmp_path):
+    store = Store(tmp_path / "out")
+    with store.lock():
+        with pytest.raises(KDZooError, match="Another kdzoo process is writing"):
+            with Store(tmp_path / "out").lock():
+                pass
+    with store.lock():  # released on exit
+        pass
