@@ -402,32 +402,44 @@ def load_data(bench: BenchConfig, device: torch.device) -> CifarData:
     return prepare_data(d.source, d.root, d.train_size, d.test_size, d.val_size, d.subset_seed, device=device)
 
 
+def teachers_to_ensure(plan: Plan, todo: list[Cohort], store: Store) -> list[TeacherJob]:
+    """Teachers that unfinished cohorts need, or whose record the store lacks (the table shows it)."""
+    needed = {c.teacher.model for c in todo}
+    return [t for t in plan.teachers if t.model in needed or not store.has_run(f"teacher-{t.key}")]
+
+
 def run_plan(plan: Plan, data: CifarData, registry: Registry, store: Store, device: torch.device,
-             progress: Progress | None = None, say: Hook | None = None) -> dict[str, Any]:
-    """Execute the plan, skipping what the store already holds. Returns counts of what happened."""
+             progress: Progress | None = None, say: Hook | None = None, executor: str = "local",
+             ray_address: str | None = None) -> dict[str, Any]:
+    """Execute the plan, skipping what the store already holds. Returns counts of what happened.
+
+    ``executor="ray"`` runs each teacher and each cohort as a Ray task (see ``kdzoo.distributed``);
+    results, resume and the table are the same.
+    """
+    progress = progress or Progress()
+    say = say or (lambda event, detail: None)
     with store.lock():
-        return _run_plan(plan, data, registry, store, device, progress or Progress(),
-                         say or (lambda event, detail: None))
+        store.write_bench(bench_summary(plan, data))
+        todo = [c for c in plan.cohorts if not all(store.has_run(r.run_id) for r in c.runs)]
+        if executor == "ray":
+            from kdzoo.distributed import run_on_ray
 
-
-def _run_plan(plan: Plan, data: CifarData, registry: Registry, store: Store, device: torch.device,
-              progress: Progress, say: Hook) -> dict[str, Any]:
-    store.write_bench(bench_summary(plan, data))
-    teacher_records = {}
-    for job in plan.teachers:
-        teacher_records[job.model] = ensure_teacher(job, plan, data, registry, store, device, progress, say)
-    done = skipped = 0
-    for i, cohort in enumerate(plan.cohorts):
-        if all(store.has_run(r.run_id) for r in cohort.runs):
-            skipped += len(cohort.runs)
-            continue
-        say("cohort", f"[{i + 1}/{len(plan.cohorts)}] {cohort.label}: {', '.join(r.variant.label for r in cohort.runs)}")
-        t0 = time.perf_counter()
-        run_cohort(cohort, teacher_records[cohort.teacher.model], plan, data, registry, store, device, progress, say)
-        done += len(cohort.runs)
-        say("cohort_done", f"{cohort.label} in {time.perf_counter() - t0:.0f}s")
-    failed = [r for r in store.runs() if r.get("status") == "failed" and r["run_id"] in {x.run_id for x in plan.runs}]
-    return {"trained": done, "skipped": skipped, "failed": failed}
+            run_on_ray(plan, todo, registry, store, progress, say, address=ray_address)
+        elif executor == "local":
+            teacher_records = {job.model: ensure_teacher(job, plan, data, registry, store, device, progress, say)
+                               for job in teachers_to_ensure(plan, todo, store)}
+            for i, cohort in enumerate(todo):
+                say("cohort", f"[{i + 1}/{len(todo)}] {cohort.label}: {', '.join(r.variant.label for r in cohort.runs)}")
+                t0 = time.perf_counter()
+                run_cohort(cohort, teacher_records[cohort.teacher.model], plan, data, registry, store, device,
+                           progress, say)
+                say("cohort_done", f"{cohort.label} in {time.perf_counter() - t0:.0f}s")
+        else:
+            raise KDZooError(f"Unknown executor '{executor}'. Use local or ray.")
+    planned = {x.run_id for x in plan.runs}
+    failed = [r for r in store.runs() if r.get("status") == "failed" and r["run_id"] in planned]
+    trained = sum(len(c.runs) for c in todo)
+    return {"trained": trained, "skipped": len(planned) - trained, "failed": failed}
 
 
 def prepare(path: str | Path, registry: Registry, device: str | None = None, cohorts: bool | None = None,

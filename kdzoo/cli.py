@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", choices=("last", "best"), default="last", help="accuracy shown in the table")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the file's, else auto)")
     p.add_argument("--data", metavar="SOURCE", help="override the file's data source (auto, torchvision, or a .npz path)")
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="local: one cohort after another here; ray: one Ray task per cohort (GPUs, clusters)")
+    p.add_argument("--ray-address", metavar="ADDR", help="an existing Ray cluster (default: start a local one)")
     p = add("report", "re-render a benchmark's table from its results folder, without training")
     p.add_argument("dir", help="the --out folder of `kdzoo bench`")
     p.add_argument("--metric", choices=("last", "best"), default="last", help="accuracy shown in the table")
@@ -211,7 +214,8 @@ def cmd_bench(args: argparse.Namespace, registry: Registry) -> int:
     console.print(f"[bold]{plan.bench.name}[/]: {len(plan.runs)} runs in {len(plan.cohorts)} cohorts, "
                   f"{len(runs_todo)} to train, {len(teachers_todo)} teacher(s) to train; results in {out}")
     with RichProgress(err_console, plan_total=len(runs_todo) + len(teachers_todo)) as progress:
-        outcome = bench.run_plan(plan, data, registry, store, device, progress, progress.say)
+        outcome = bench.run_plan(plan, data, registry, store, device, progress, progress.say,
+                                 executor=args.executor, ray_address=args.ray_address)
     report(store, args.metric, export=True)
     if outcome["failed"]:
         err_console.print(f"[red]{len(outcome['failed'])} run(s) failed[/] (listed under the table); the others finished.")

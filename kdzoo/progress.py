@@ -72,12 +72,15 @@ class RichProgress(Progress):
                 f"{r['train_img_per_s']:,.0f} img/s", highlight=False,
             )
 
+    def runs_done(self, n: int) -> None:
+        if self.plan_task is not None:
+            self.bars.advance(self.plan_task, n)
+
     def run_end(self) -> None:
         if self.tasks is not None:
             for task in self.tasks:
                 self.bars.remove_task(task)
             self.tasks = None
-        if self.plan_task is not None:
-            self.bars.advance(self.plan_task, len(self.labels))
+        self.runs_done(len(self.labels))
         if not self.live:
             self.bars.stop()

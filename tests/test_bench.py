@@ -244,3 +244,14 @@ def test_one_runner_per_folder(tmp_path):
                 pass
     with store.lock():  # released on exit
         pass
+
+
+def test_ray_executor_gives_the_same_store(uninterrupted, tmp_path):
+    pytest.importorskip("ray", reason="the optional Ray executor (pip install 'kdzoo[ray]'); CI installs it")
+    cfg, env, reference = uninterrupted
+    env = {**env, "KDZOO_CACHE": str(tmp_path / "cache"), "RAY_AUTH_MODE": "disabled"}  # the teacher trains on Ray too
+    proc = subprocess.run(_bench_cmd(cfg, tmp_path / "out") + ["--executor", "ray"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Ray:" in proc.stderr and "done (Ray)" in proc.stderr
+    assert _store_snapshot(tmp_path / "out") == reference
