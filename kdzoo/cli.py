@@ -9,14 +9,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from kdzoo import KDZooError, __version__
 from kdzoo.config import RunConfig, parse, parse_assignment, read_yaml
 from kdzoo.plugins import Registry, load_plugins
+
+if TYPE_CHECKING:  # the commands import these lazily, so that `kdzoo plugins` starts fast
+    from kdzoo.bench import Plan
+    from kdzoo.store import Store
 
 console = Console()
 err_console = Console(stderr=True)
@@ -223,7 +228,7 @@ def cmd_bench(args: argparse.Namespace, registry: Registry) -> int:
     return 0
 
 
-def show_plan(plan, store, teachers_todo) -> None:
+def show_plan(plan: Plan, store: Store, teachers_todo: list) -> None:
     table = Table(title=f"{plan.bench.name}: plan")
     for col in ("teacher", "status"):
         table.add_column(col)
@@ -243,7 +248,7 @@ def show_plan(plan, store, teachers_todo) -> None:
     console.print(table)
 
 
-def report(store, metric: str, export: bool) -> None:
+def report(store: Store, metric: str, export: bool) -> None:
     from kdzoo import report as rep
 
     summary = rep.summarize(store.runs(), store.bench(), metric)
@@ -281,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KDZooError as e:
         if args.debug:
             raise
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
         return 2
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]")

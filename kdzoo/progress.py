@@ -5,6 +5,7 @@ import time
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichBars, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from kdzoo.engine import Progress
@@ -38,7 +39,7 @@ class RichProgress(Progress):
 
     def say(self, event: str, detail: str) -> None:
         style = {"resume": "yellow", "cohort_done": "dim"}.get(event, "bold")
-        self.bars.console.print(f"[{style}]{detail}[/]", highlight=False)
+        self.bars.console.print(f"[{style}]{escape(detail)}[/]", highlight=False)
 
     def run_start(self, labels: list[str], epochs: int, steps_per_epoch: int, start_epoch: int = 0) -> None:
         if not self.live:
