@@ -14,7 +14,7 @@ Stage pairing rule (``pair_stages``), used by feature methods when teacher and s
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -47,7 +47,6 @@ class Outputs:
     logits: torch.Tensor
     features: list[torch.Tensor] | None = None
     embedding: torch.Tensor | None = None
-    extras: dict = field(default_factory=dict)
 
 
 def pair_stages(teacher: NetInfo, student: NetInfo) -> list[tuple[int, int]]:
