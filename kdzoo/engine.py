@@ -55,7 +55,7 @@ class Member:
     origin: str = ""  # where the method comes from, for error messages, e.g. "plugin 'dkd' (kdzoo-dkd 0.1.0)"
     optimizer: torch.optim.Optimizer | None = None
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
-    rng_state: torch.Tensor | None = None
+    rng_state: list[torch.Tensor] | None = None  # CPU (and CUDA) generator states between steps
     history: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
     wall_time: float = 0.0
@@ -133,15 +133,26 @@ def build_optimizer(member: Member, recipe: Recipe) -> torch.optim.Optimizer:
 
 @contextlib.contextmanager
 def _member_rng(member: Member, device: torch.device):
-    """Give each member its own CPU RNG stream, so cohort and solo runs consume identical randomness."""
-    outer = torch.get_rng_state()
+    """Give each member its own RNG streams (CPU, and CUDA on a GPU), so that cohort and solo runs
+    consume identical randomness (dropout, stochastic depth)."""
+    outer = _get_rng(device)
     if member.rng_state is not None:
-        torch.set_rng_state(member.rng_state)
+        _set_rng(member.rng_state, device)
     try:
         yield
     finally:
-        member.rng_state = torch.get_rng_state()
-        torch.set_rng_state(outer)
+        member.rng_state = _get_rng(device)
+        _set_rng(outer, device)
+
+
+def _get_rng(device: torch.device) -> list[torch.Tensor]:
+    return [torch.get_rng_state()] + ([torch.cuda.get_rng_state(device)] if device.type == "cuda" else [])
+
+
+def _set_rng(states: list[torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(states[0])
+    if device.type == "cuda" and len(states) > 1:
+        torch.cuda.set_rng_state(states[1], device)
 
 
 def _check_terms(terms: Any) -> None:
@@ -193,7 +204,7 @@ class Trainer:
             m.optimizer = m.optimizer or build_optimizer(m, recipe)
             m.scheduler = m.scheduler or torch.optim.lr_scheduler.LambdaLR(m.optimizer, lr_factor(recipe, self.steps_per_epoch))
             if m.rng_state is None:
-                m.rng_state = torch.get_rng_state()
+                m.rng_state = _get_rng(self.device)
         if teacher is not None:
             teacher.to(self.device, memory_format=self.memory_format).eval().requires_grad_(False)
         self.need_features = any(m.method.needs_features for m in members)

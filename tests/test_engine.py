@@ -97,6 +97,19 @@ def test_cohort_member_equals_solo_bit_for_bit(registry, tiny_data):
         assert timing_free(together["history"]) == timing_free(alone["history"]), name
 
 
+def test_cohort_equals_solo_with_dropout(registry, tiny_data):
+    """Dropout draws random numbers: each member keeps its own RNG stream, so cohort == solo still."""
+    recipe = Recipe(epochs=1, batch_size=64, lr=0.05, eval_batch_size=500)
+
+    def member(label):
+        student = build_student(registry, "wrn_16_1", {"drop_rate": 0.3}, 5)
+        return Member(label, student, build_method(registry, "ce", {}, student.info, None, 5))
+
+    cohort = Trainer([member("a"), member("b")], tiny_data, recipe, seed=5).fit()
+    alone = Trainer([member("b")], tiny_data, recipe, seed=5).fit()[0]
+    assert timing_free(cohort[0]["history"]) == timing_free(cohort[1]["history"]) == timing_free(alone["history"])
+
+
 class ExplodingMethod(Method):
     name = "explode"
     needs_teacher = False
