@@ -33,11 +33,12 @@ import kdzoo
 from kdzoo import KDZooError
 from kdzoo.checkpoint import load_checkpoint, save_checkpoint
 from kdzoo.config import BenchConfig, Recipe, StudentSpec, TeacherSpec, parse
-from kdzoo.data import CifarData, prepare_data
+from kdzoo.data import CifarData
 from kdzoo.engine import Member, Progress, Trainer, count_params, resolve_device
 from kdzoo.models import KDNet
 from kdzoo.plugins import Registry
-from kdzoo.runner import NUM_CLASSES, build_method, build_student, environment, load_teacher
+from kdzoo.runner import (NUM_CLASSES, build_method, build_student, data_info, environment, load_data, load_teacher,
+                          save_run_checkpoint)
 from kdzoo.store import Store, write_json
 
 BASELINE = "ce"
@@ -324,21 +325,14 @@ def ensure_teacher(job: TeacherJob, plan: Plan, data: CifarData, registry: Regis
         record = {**result, "run_id": run_id, "kind": "teacher", "model": job.model, "teacher": None,
                   "student": {"model": job.model, "params": count_params(student)}, "variant": "teacher",
                   "seed": job.seed, "key": job.key, "recipe": dataclasses.asdict(job.recipe),
-                  "data": _data_info(data), "environment": environment(device, job.recipe)}
+                  "data": data_info(data), "environment": environment(device, job.recipe)}
         if result["status"] == "ok":
-            save_checkpoint(job.checkpoint_path, {
-                "model": job.model, "model_options": job.options, "num_classes": NUM_CLASSES,
-                "state_dict": student.model.state_dict(), "method": BASELINE, "hparams": {}, "method_state": {},
-                "meta": {"top1": result["last"]["top1"], "best_top1": result["best"]["top1"], "seed": job.seed,
-                         "data_fingerprint": data.fingerprint, "kdzoo": kdzoo.__version__, "key": job.key}})
+            save_run_checkpoint(job.checkpoint_path, job.model, job.options, student, method, result, data, job.seed,
+                                key=job.key)
             write_json(metrics_path, record)
             (job.dir / "state.pt").unlink(missing_ok=True)
     store.write_run(record)
     return record
-
-
-def _data_info(data: CifarData) -> dict[str, Any]:
-    return {"fingerprint": data.fingerprint, "train": len(data.train_y), "val": len(data.val_y), "test": len(data.test_y)}
 
 
 def run_cohort(cohort: Cohort, teacher_record: dict[str, Any], plan: Plan, data: CifarData, registry: Registry,
@@ -370,7 +364,7 @@ def run_cohort(cohort: Cohort, teacher_record: dict[str, Any], plan: Plan, data:
             continue  # written before an interruption
         store.write_run({**common, **result, **_identity(cohort, run),
                          "student": {"model": cohort.student.model, "params": count_params(member.student)},
-                         "flops": plan.flops.get(cohort.student.model), "data": _data_info(data),
+                         "flops": plan.flops.get(cohort.student.model), "data": data_info(data),
                          "environment": env})
     state_path.unlink(missing_ok=True)
 
@@ -395,11 +389,6 @@ def bench_summary(plan: Plan, data: CifarData) -> dict[str, Any]:
             "seeds": plan.bench.seeds, "reference": ref, "run_ids": [r.run_id for r in plan.runs],
             "teachers": {t.model: t.key for t in plan.teachers}, "data_fingerprint": plan.data_fingerprint,
             "config": dataclasses.asdict(plan.bench), "kdzoo": kdzoo.__version__}
-
-
-def load_data(bench: BenchConfig, device: torch.device) -> CifarData:
-    d = bench.data
-    return prepare_data(d.source, d.root, d.train_size, d.test_size, d.val_size, d.subset_seed, device=device)
 
 
 def teachers_to_ensure(plan: Plan, todo: list[Cohort], store: Store) -> list[TeacherJob]:
@@ -453,7 +442,7 @@ def prepare(path: str | Path, registry: Registry, device: str | None = None, coh
     if data_source is not None:
         bench.data.source = data_source
     dev = resolve_device(device or bench.device)
-    data = load_data(bench, dev)
+    data = load_data(bench.data, dev)
     plan = expand(bench, data.fingerprint)
     plan.flops = validate(plan, registry)
     return plan, data, dev

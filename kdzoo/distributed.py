@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from kdzoo import KDZooError
-from kdzoo.bench import Cohort, Hook, Plan, TeacherJob, ensure_teacher, load_data, run_cohort, teachers_to_ensure
+from kdzoo.bench import Cohort, Hook, Plan, TeacherJob, ensure_teacher, run_cohort, teachers_to_ensure
 from kdzoo.engine import Progress
 from kdzoo.plugins import Registry
+from kdzoo.runner import load_data
 from kdzoo.store import Store
 
 
@@ -31,7 +32,7 @@ def _task(kind: str, plan: Plan, item: TeacherJob | Cohort, teacher_record: dict
     torch.set_num_threads(threads)  # as many as Ray granted: oversubscribed CPUs slow training tenfold
     registry = load_plugins(disable=disabled)
     device = resolve_device("auto")
-    data = load_data(plan.bench, device)
+    data = load_data(plan.bench.data, device)
     if data.fingerprint != plan.data_fingerprint:
         raise KDZooError(f"A Ray worker sees different CIFAR-10 data than the driver ({data.fingerprint[:12]} vs "
                          f"{plan.data_fingerprint[:12]}). Point KDZOO_DATA at the same file on every node.")

@@ -13,7 +13,7 @@ import yaml
 import kdzoo
 from kdzoo import KDZooError
 from kdzoo.checkpoint import atomic_write, load_checkpoint, save_checkpoint
-from kdzoo.config import RunConfig
+from kdzoo.config import DataConfig, RunConfig
 from kdzoo.data import CifarData, prepare_data
 from kdzoo.engine import Member, Progress, Trainer, resolve_device
 from kdzoo.methods import Method
@@ -77,9 +77,26 @@ def environment(device: torch.device, recipe: Any = None) -> dict[str, Any]:
     }
 
 
-def data_from_config(cfg: RunConfig, device: torch.device) -> CifarData:
-    d = cfg.data
+def load_data(d: DataConfig, device: torch.device) -> CifarData:
+    """The CIFAR-10 splits a data config describes, on ``device``."""
     return prepare_data(d.source, d.root, d.train_size, d.test_size, d.val_size, d.subset_seed, device=device)
+
+
+def data_info(data: CifarData) -> dict[str, Any]:
+    """What a run record says about its data."""
+    return {"fingerprint": data.fingerprint, "train": len(data.train_y), "val": len(data.val_y), "test": len(data.test_y)}
+
+
+def save_run_checkpoint(path: str | Path, model: str, options: dict[str, Any], student: KDNet, method: Method,
+                        result: dict[str, Any], data: CifarData, seed: int, **meta: Any) -> None:
+    """The checkpoint of a finished run: the student, the method's state, and what produced them."""
+    save_checkpoint(path, {
+        "model": model, "model_options": options, "num_classes": NUM_CLASSES,
+        "state_dict": student.model.state_dict(), "method": method.name, "hparams": method.hparams,
+        "method_state": method.state_dict(),
+        "meta": {"top1": result["last"]["top1"], "best_top1": result["best"]["top1"], "seed": seed,
+                 "data_fingerprint": data.fingerprint, "kdzoo": kdzoo.__version__, **meta},
+    })
 
 
 def run_single(cfg: RunConfig, registry: Registry, progress: Progress | None = None) -> dict[str, Any]:
@@ -94,7 +111,7 @@ def run_single(cfg: RunConfig, registry: Registry, progress: Progress | None = N
         teacher, teacher_meta = load_teacher(registry, cfg.teacher)
     student = build_student(registry, cfg.model, cfg.model_options, cfg.seed)
     method = build_method(registry, cfg.method, cfg.hparams, student.info, teacher.info if teacher else None, cfg.seed)
-    data = data_from_config(cfg, device)
+    data = load_data(cfg.data, device)
     member = Member(label=f"{cfg.model}/{cfg.method}", student=student, method=method,
                     origin=registry.describe_origin(cfg.method))
     trainer = Trainer([member], data, cfg.recipe, teacher=teacher, seed=cfg.seed, device=device, progress=progress)
@@ -105,18 +122,12 @@ def run_single(cfg: RunConfig, registry: Registry, progress: Progress | None = N
         model=cfg.model,
         teacher=({"checkpoint": str(cfg.teacher), "model": teacher_meta["model"], "top1": teacher_meta["meta"].get("top1")}
                  if teacher_meta else None),
-        data={"fingerprint": data.fingerprint, "train": len(data.train_y), "val": len(data.val_y), "test": len(data.test_y)},
+        data=data_info(data),
         config=config_dict(cfg),
         environment=environment(device, cfg.recipe),
     )
     if result["status"] == "ok":
-        save_checkpoint(out / "checkpoint.pt", {
-            "model": cfg.model, "model_options": cfg.model_options, "num_classes": NUM_CLASSES,
-            "state_dict": student.model.state_dict(), "method": cfg.method, "hparams": method.hparams,
-            "method_state": method.state_dict(),
-            "meta": {"top1": result["last"]["top1"], "best_top1": result["best"]["top1"], "seed": cfg.seed,
-                     "data_fingerprint": data.fingerprint, "kdzoo": kdzoo.__version__},
-        })
+        save_run_checkpoint(out / "checkpoint.pt", cfg.model, cfg.model_options, student, method, result, data, cfg.seed)
     atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
     atomic_write(out / "config.yaml", lambda tmp: Path(tmp).write_text(yaml.safe_dump(config_dict(cfg), sort_keys=False)))
     return result
