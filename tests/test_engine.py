@@ -166,3 +166,15 @@ def test_checkpoint_roundtrip_and_bad_files(tmp_path):
     torch.save({"format": "kdzoo.checkpoint/1", "x": NotATensor()}, evil)
     with pytest.raises(KDZooError, match="safe-to-load"):
         load_checkpoint(evil)
+
+
+def test_validation_split_chooses_the_best_epoch(registry, cifar_path):
+    data = prepare_data(cifar_path, train_size=256, test_size=200, val_size=100, subset_seed=0)
+    m = _member(registry, "ce", "wrn_16_1", "ce", seed=1)
+    result = Trainer([m], data, Recipe(epochs=3, batch_size=64, lr=0.05, eval_batch_size=500), seed=1).fit()[0]
+    history = result["history"]
+    assert all({"test", "val"} <= set(r) for r in history)
+    best = max(history, key=lambda r: r["val"]["top1"])  # chosen on val, reported on test
+    assert result["best"]["chosen_on"] == "val" and result["best"]["epoch"] == best["epoch"]
+    assert result["best"]["top1"] == best["test"]["top1"]
+    assert result["last"] == history[-1]["test"]
