@@ -247,8 +247,11 @@ def validate(plan: Plan, registry: Registry) -> dict[str, int]:
     x = torch.randn(2, 3, 32, 32)
     y = torch.tensor([0, 1])
     for i, t in enumerate(plan.teachers):
-        if t.checkpoint:
-            load_checkpoint(t.checkpoint)  # fails early with a clear message if unreadable
+        if t.checkpoint:  # fails early with a clear message if unreadable or of another model
+            found = load_checkpoint(t.checkpoint)["model"]
+            if found != t.model:
+                raise KDZooError(f"teachers[{i}]: the checkpoint {t.checkpoint} holds a '{found}', not a "
+                                 f"'{t.model}'. Set `model: {found}` or point to the right checkpoint.")
         net(t.model, t.options, f"teachers[{i}]")
     for t_name, s_name in plan.pairs:
         cohort = next(c for c in plan.cohorts if c.teacher.model == t_name and c.student.model == s_name)
@@ -307,7 +310,7 @@ def ensure_teacher(job: TeacherJob, plan: Plan, data: CifarData, registry: Regis
         top1 = ckpt.get("meta", {}).get("top1")
         record = {"run_id": run_id, "kind": "teacher", "status": "ok", "error": None, "model": job.model,
                   "teacher": None, "student": {"model": job.model, "params": count_params(net)},
-                  "method": BASELINE, "variant": "teacher", "seed": job.seed, "checkpoint": job.checkpoint,
+                  "method": BASELINE, "variant": "teacher", "seed": job.seed, "checkpoint": job.checkpoint, "key": job.key,
                   "last": {"top1": top1} if top1 is not None else None, "best": None, "source": "checkpoint"}
         store.write_run(record)
         return record

@@ -255,3 +255,30 @@ def test_ray_executor_gives_the_same_store(uninterrupted, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Ray:" in proc.stderr and "done (Ray)" in proc.stderr
     assert _store_snapshot(tmp_path / "out") == reference
+
+
+def test_checkpoint_teacher_must_match_its_model(registry, tmp_path):
+    from kdzoo.checkpoint import save_checkpoint
+
+    ckpt = tmp_path / "t.pt"
+    save_checkpoint(ckpt, {"model": "resnet20", "model_options": {}, "num_classes": 10, "state_dict": {}})
+    plan = plan_of({**TINY, "teachers": [{"model": "resnet56", "checkpoint": str(ckpt)}]})
+    assert plan.teachers[0].checkpoint_path == ckpt
+    with pytest.raises(KDZooError, match="holds a 'resnet20', not a 'resnet56'"):
+        B.validate(plan, registry)
+
+
+def test_bench_with_a_checkpoint_teacher(uninterrupted, registry, tmp_path):
+    cfg, env, reference = uninterrupted
+    (ckpt,) = Path(env["KDZOO_CACHE"]).glob("teachers/*/checkpoint.pt")
+    teacher_top1 = next(r for r in reference.values() if r["kind"] == "teacher")["last"]["top1"]
+    path = tmp_path / "b.yaml"
+    path.write_text(yaml.safe_dump({**TINY, "teachers": [{"model": "resnet20", "checkpoint": str(ckpt)}],
+                                    "methods": ["kd"], "recipe": {**TINY["recipe"], "epochs": 1}}))
+    plan, data, device = B.prepare(path, registry)
+    store = Store(tmp_path / "out")
+    outcome = B.run_plan(plan, data, registry, store, device)
+    assert outcome["failed"] == [] and outcome["trained"] == 2
+    records = {r["variant"]: r for r in store.runs()}
+    assert records["teacher"]["source"] == "checkpoint" and records["teacher"]["last"]["top1"] == teacher_top1
+    assert records["kd"]["teacher"]["top1"] == teacher_top1 and records["kd"]["status"] == "ok"
