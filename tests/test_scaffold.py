@@ -1,4 +1,4 @@
-"""`kdzoo new-plugin NAME`: the generated package installs with pip, kdzoo lists it, and its
+"""`kdzoo new-plugin NAME`: the generated package installs with pip, kdzoo lists it and benchmarks it, and its
 generated tests (which use kdzoo.testing) pass as generated."""
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def test_names_and_files():
     assert "kdzoo_check_method(MyKd)" in files["tests/test_my_kd.py"]
 
 
-def test_generated_package_installs_is_listed_and_its_tests_pass(tmp_path, install_package, capsys):
+def test_generated_package_installs_is_listed_and_its_tests_pass(tmp_path, install_package, capsys, cifar_path):
     assert main(["new-plugin", "my_kd", "--dir", str(tmp_path)]) == 0
     assert "pip install -e" in capsys.readouterr().out
     pkg = install_package(tmp_path / "kdzoo-my-kd")
@@ -45,6 +45,20 @@ def test_generated_package_installs_is_listed_and_its_tests_pass(tmp_path, insta
     listed = {p["name"]: p for p in json.loads(pkg.kdzoo("plugins", "--json").stdout)}
     assert (listed["my_kd"]["dist"], listed["my_kd"]["version"], listed["my_kd"]["methods"], listed["my_kd"]["status"]) \
         == ("kdzoo-my-kd", "0.1.0", ["my_kd"], "ok")
+    # ... and `kdzoo bench` trains it next to a built-in method, in its own column.
+    import yaml
+
+    cfg = tmp_path / "bench.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "name": "scaffold", "data": {"train_size": 128, "test_size": 100}, "seeds": [0],
+        "recipe": {"epochs": 1, "batch_size": 64, "eval_batch_size": 100}, "teachers": ["resnet20"],
+        "students": ["wrn_16_1"], "methods": ["kd", "my_kd"]}))
+    env = pkg.env(KDZOO_DATA=cifar_path, KDZOO_CACHE=str(tmp_path / "cache"))
+    bench = pkg.kdzoo("bench", str(cfg), "--out", str(tmp_path / "out"), env=env)
+    assert bench.returncode == 0, bench.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["columns"] == ["ce", "kd", "my_kd"]
+    assert {c["variant"]: c["status"] for c in report["cells"]} == {"ce": "ok", "kd": "ok", "my_kd": "ok"}
 
 
 def test_refuses_to_overwrite_and_bad_names(tmp_path, capsys):
