@@ -156,12 +156,9 @@ def _top1(rec: dict[str, Any], metric: str) -> float | None:
 
 
 def _teacher_identity(rec: dict[str, Any]) -> tuple[str | None, str | None]:
-    """(model, key) of a teacher run: its ``teacher`` block, else its top-level ``model``/``key``
-    (falling back to the ``student`` block and ``config_hash``)."""
-    block = rec.get("teacher") or {}
-    if block.get("model"):
-        return block["model"], block.get("key")
-    return rec.get("model") or (rec.get("student") or {}).get("model"), rec.get("key") or rec.get("config_hash")
+    """(model, key) of the teacher a record belongs to: a student's ``teacher`` block, or a teacher run's own."""
+    block = rec.get("teacher") or rec
+    return block.get("model"), block.get("key")
 
 
 def _one_line(text: Any) -> str:

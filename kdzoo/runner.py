@@ -2,6 +2,7 @@
 students, teachers and methods from names, one run end to end, and its files on disk."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 from pathlib import Path
@@ -123,17 +124,12 @@ def run_single(cfg: RunConfig, registry: Registry, progress: Progress | None = N
         teacher=({"checkpoint": str(cfg.teacher), "model": teacher_meta["model"], "top1": teacher_meta["meta"].get("top1")}
                  if teacher_meta else None),
         data=data_info(data),
-        config=config_dict(cfg),
+        config=dataclasses.asdict(cfg),
         environment=environment(device, cfg.recipe),
     )
     if result["status"] == "ok":
         save_run_checkpoint(out / "checkpoint.pt", cfg.model, cfg.model_options, student, method, result, data, cfg.seed)
     atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
-    atomic_write(out / "config.yaml", lambda tmp: Path(tmp).write_text(yaml.safe_dump(config_dict(cfg), sort_keys=False)))
+    atomic_write(out / "config.yaml", lambda tmp: Path(tmp).write_text(yaml.safe_dump(result["config"], sort_keys=False)))
     return result
 
-
-def config_dict(cfg: RunConfig) -> dict[str, Any]:
-    import dataclasses
-
-    return dataclasses.asdict(cfg)

@@ -8,14 +8,17 @@ Layout of a benchmark folder ``DIR``::
 
 A run record (``kdzoo.run/1``) is a JSON object::
 
-    schema, run_id, cohort_id, kind ("teacher" | "student"), status ("ok" | "failed"), error,
+    schema, run_id (a hash of everything that determines the run: teacher key, student, method,
+    hyperparameters, seed, recipe, data fingerprint, kdzoo version), cohort_id,
+    kind ("teacher" | "student"), status ("ok" | "failed"), error,
     teacher: {"model", "key", "top1", "best_top1", "params"} | null,
     student: {"model", "params"},          # params of the backbone alone
     method, variant (column label, e.g. "kd" or "kd(T=2)"), hparams, seed,
     history: [per-epoch records], last: {top1, top5, precision, recall, f1[, agreement]},
     best: {epoch, chosen_on, top1, ...}, params: {"student", "method"}, flops (forward, per image),
-    wall_time_s, img_per_s, epochs_done, recipe, data: {fingerprint, train, val, test},
-    config_hash, environment
+    wall_time_s, img_per_s, epochs_done, recipe, data: {fingerprint, train, val, test}, environment
+
+A teacher run has ``teacher: null`` and its own ``model`` and ``key`` at the top level.
 
 Writes go to a temporary file that is fsynced and renamed over the target, so a reader (or a
 run resumed after ``kill -9``) sees either the old file or the new one, never a partial one.
