@@ -8,7 +8,8 @@ Rows (images per second are medians over timed windows, after untimed warm-up wi
 * **P1** kdzoo's engine (``Trainer``, resnet56 -> resnet20, ``kd``) against a hand-written
   RepDistiller-style loop: a ``Dataset`` over the same uint8 arrays returning PIL images,
   ``RandomCrop(32, padding=4)`` + ``RandomHorizontalFlip`` + ``ToTensor`` + ``Normalize``, a
-  ``DataLoader`` with the best ``num_workers`` of {0, 1, 2} (measured first), teacher under
+  ``DataLoader`` with the best ``num_workers`` of {0, 1, 2} (measured first; ``--anchor-workers``
+  sets the candidates, e.g. ``4,8,12`` on a many-core GPU host), teacher under
   ``no_grad``, ``loss.item()`` and top-1 per step as the anchors log them.
 * **P2** a cohort of five members (ce, kd, fitnets, attention, rkd) in one ``Trainer`` against
   the same five trained one after another (five ``Trainer``); the ratio is the cost of the
@@ -80,10 +81,12 @@ class Settings:
     anchor_data_steps: int = 30  # batches per P4 DataLoader window
     matmul_n: int = 2048
     matmul_reps: int = 8
+    anchor_workers: tuple[int, ...] = (0, 1, 2)  # DataLoader num_workers candidates for the anchor loops
 
 
 FULL = Settings()
-QUICK = Settings(batch_size=8, window=1, windows=2, warmup=0, select_windows=1, data_images=1024,
+# window=2: a training subset of window x batch_size = 16 images, at least one per class (prepare_data requires it)
+QUICK = Settings(batch_size=8, window=2, windows=2, warmup=0, select_windows=1, data_images=1024,
                  anchor_data_steps=2, matmul_n=256, matmul_reps=4)
 
 
@@ -441,7 +444,7 @@ def run_benchmark(path: str, device: torch.device, s: Settings, only: tuple[str,
     loaders: dict[int, torch.utils.data.DataLoader] = {}
     if "P1" in only or "P4" in only:
         ds = anchor_dataset(path)
-        loaders = {w: anchor_loader(ds, B, w, device) for w in (0, 1, 2)}
+        loaders = {w: anchor_loader(ds, B, w, device) for w in s.anchor_workers}
 
     # -- P1 and P3: engine, anchor loop and minimal loop, interleaved ---------------------------
     if "P1" in only or "P3" in only:
@@ -643,6 +646,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--only", default=",".join(ROWS), help="comma-separated rows to measure (default: all)")
     for name in ("batch_size", "window", "windows", "warmup"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, help=f"override the setting {name}")
+    p.add_argument("--anchor-workers", metavar="N,N,...",
+                   help="DataLoader num_workers candidates for the anchor loops (default 0,1,2)")
     args = p.parse_args(argv)
     path = os.environ.get("KDZOO_DATA")
     if not path:
@@ -658,6 +663,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  if getattr(args, k) is not None}
     if any(v < (0 if k == "warmup" else 1) for k, v in overrides.items()):
         raise KDZooError(f"Sizes must be positive (warm-up may be 0), got {overrides}.")
+    if args.anchor_workers:
+        try:
+            workers = tuple(sorted({int(w) for w in args.anchor_workers.split(",") if w.strip()}))
+        except ValueError:
+            workers = ()
+        if not workers or min(workers) < 0:
+            raise KDZooError(f"--anchor-workers takes numbers >= 0 like 0,4,8, got {args.anchor_workers!r}.")
+        overrides["anchor_workers"] = workers
     settings = dataclasses.replace(settings, **overrides)
     result = run_benchmark(path, device, settings, only=only, ablate=args.ablate)
     print_table(result)

@@ -25,7 +25,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -37,6 +37,8 @@ from kdzoo.data import CifarData
 from kdzoo.engine import Member, Progress, Trainer, count_params, resolve_device
 from kdzoo.models import KDNet
 from kdzoo.plugins import Registry
+from kdzoo.records import (BenchRecord, BestEpoch, RecordError, RunRecord, Scores, TeacherRecord, TeacherRef,
+                           load_record)
 from kdzoo.runner import (NUM_CLASSES, build_method, build_student, data_info, environment, load_data, load_teacher,
                           save_run_checkpoint)
 from kdzoo.store import Store, write_json
@@ -70,6 +72,7 @@ class TeacherJob:
     seed: int
     recipe: Recipe
     checkpoint: str | None  # a user-supplied checkpoint instead of training
+    provenance: dict[str, str] = field(default_factory=dict)  # plugin versions (and checkpoint hash) in the key
 
     @property
     def dir(self) -> Path:
@@ -85,6 +88,7 @@ class RunSpec:
     run_id: str
     variant: Variant
     seed: int
+    provenance: dict[str, str] = field(default_factory=dict)  # plugin versions hashed into run_id
 
 
 @dataclass
@@ -169,12 +173,40 @@ def _as_spec(cls: type, entry: Any, path: str) -> Any:
     return cls(model=entry) if isinstance(entry, str) else parse(cls, entry, path)
 
 
-def expand(bench: BenchConfig, data_fingerprint: str) -> Plan:
-    """Expand a benchmark into teachers and cohorts. Pure: touches no model and no file."""
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def provenance(registry: Registry, kind: str, name: str) -> str:
+    """``"dist version"`` of the plugin that registered ``name`` (a method or a model); hashed into run ids and
+    teacher keys so that upgrading a plugin never reuses results computed with the old one."""
+    owner = registry.owner.get((kind, name))
+    if owner is None:
+        return "unregistered"  # validate() reports the unknown name with its place in the file
+    info = registry.plugin(owner)
+    return f"{info.dist} {info.version}"
+
+
+def expand(bench: BenchConfig, data_fingerprint: str, registry: Registry) -> Plan:
+    """Expand a benchmark into teachers and cohorts. Builds no model; reads only a teacher checkpoint's bytes
+    (its sha256 is part of the teacher's key, so overwriting the file is a different teacher)."""
+    import timm
+
+    versions = {"kdzoo": kdzoo.__version__, "timm": timm.__version__}
     if not bench.teachers or not bench.students:
         raise KDZooError("A benchmark needs at least one entry under `teachers:` and one under `students:`.")
     if not bench.seeds:
         raise KDZooError("`seeds:` is empty; give at least one seed, e.g. seeds: [0, 1, 2].")
+    for j, seed in enumerate(bench.seeds):
+        if seed in bench.seeds[:j]:
+            raise KDZooError(
+                f"seeds[{bench.seeds.index(seed)}] and seeds[{j}] are both {seed}: a seed trains identical runs, so "
+                "a repeated one adds no sample to the mean ± std. Remove the duplicate or use another seed."
+            )
     variants = expand_variants(bench.methods)
     teacher_specs = [_as_spec(TeacherSpec, t, f"teachers[{i}]") for i, t in enumerate(bench.teachers)]
     student_specs = [_as_spec(StudentSpec, s, f"students[{i}]") for i, s in enumerate(bench.students)]
@@ -185,14 +217,19 @@ def expand(bench: BenchConfig, data_fingerprint: str) -> Plan:
     teachers: dict[str, TeacherJob] = {}
     for i, t in enumerate(teacher_specs):
         recipe = _recipe(bench.recipe, bench.teacher_recipe, t.recipe, path=f"teachers[{i}].recipe")
+        origin = {**versions, "model_plugin": provenance(registry, "model", t.model)}
         if t.checkpoint:
-            key = "ckpt-" + _hash({"path": str(Path(t.checkpoint).resolve())})
+            if not Path(t.checkpoint).is_file():
+                raise KDZooError(f"teachers[{i}].checkpoint: {t.checkpoint} does not exist. Pass the checkpoint.pt "
+                                 "written by `kdzoo train` (under its --out folder).")
+            origin["checkpoint_sha256"] = file_sha256(t.checkpoint)
+            key = "ckpt-" + _hash({"model": t.model, **origin})
         else:
             key = _hash({"model": t.model, "options": t.options, "seed": t.seed, "recipe": dataclasses.asdict(recipe),
-                         "data": data_fingerprint, "kdzoo": kdzoo.__version__, "num_classes": NUM_CLASSES})
+                         "data": data_fingerprint, "num_classes": NUM_CLASSES, **origin})
         if t.model in teachers:
             raise KDZooError(f"teachers[{i}]: teacher '{t.model}' is listed twice; the table has one row per teacher → student pair.")
-        teachers[t.model] = TeacherJob(key, t.model, t.options, t.seed, recipe, t.checkpoint)
+        teachers[t.model] = TeacherJob(key, t.model, t.options, t.seed, recipe, t.checkpoint, origin)
 
     students = {s.model: s for s in student_specs}
     if bench.pairs is None:
@@ -214,10 +251,12 @@ def expand(bench: BenchConfig, data_fingerprint: str) -> Plan:
         for seed in bench.seeds:
             runs = []
             for v in variants:
+                origin = {**versions, "model_plugin": provenance(registry, "model", s_name),
+                          "method_plugin": provenance(registry, "method", v.method)}
                 run_id = _hash({"teacher": teacher.key, "student": dataclasses.asdict(student), "method": v.method,
                                 "hparams": v.hparams, "seed": seed, "recipe": dataclasses.asdict(student_recipe),
-                                "data": data_fingerprint, "kdzoo": kdzoo.__version__})
-                runs.append(RunSpec(run_id, v, seed))
+                                "data": data_fingerprint, **origin})
+                runs.append(RunSpec(run_id, v, seed, origin))
             groups = [runs] if bench.cohorts else [[r] for r in runs]
             for group in groups:
                 cohort_id = _hash({"runs": [r.run_id for r in group]})
@@ -227,11 +266,16 @@ def expand(bench: BenchConfig, data_fingerprint: str) -> Plan:
 
 # -- validation --------------------------------------------------------------------------------
 def validate(plan: Plan, registry: Registry) -> dict[str, int]:
-    """Build every model and every method on a dry forward, before any training.
+    """Build every model and every method and take a dry training step of each at the smallest
+    batch it will train on (``kdzoo.engine.preflight``), before any training; refuse two method
+    entries that are the same run once defaults are applied.
 
     Returns forward FLOPs per image of each student. Errors name the YAML path.
     """
     from torch.utils.flop_counter import FlopCounterMode
+
+    from kdzoo.data import train_batch_sizes, train_set_size
+    from kdzoo.engine import preflight
 
     nets: dict[str, KDNet] = {}
 
@@ -244,34 +288,43 @@ def validate(plan: Plan, registry: Registry) -> dict[str, int]:
         return nets[model]
 
     flops: dict[str, int] = {}
-    x = torch.randn(2, 3, 32, 32)
-    y = torch.tensor([0, 1])
+    x = torch.randn(1, 3, 32, 32)
+    n_train = train_set_size(plan.bench.data.train_size, plan.bench.data.val_size)
     for i, t in enumerate(plan.teachers):
         if t.checkpoint:  # fails early with a clear message if unreadable or of another model
             found = load_checkpoint(t.checkpoint)["model"]
             if found != t.model:
                 raise KDZooError(f"teachers[{i}]: the checkpoint {t.checkpoint} holds a '{found}', not a "
                                  f"'{t.model}'. Set `model: {found}` or point to the right checkpoint.")
-        net(t.model, t.options, f"teachers[{i}]")
+        teacher_net = net(t.model, t.options, f"teachers[{i}]")
+        if not t.checkpoint:  # it trains with the baseline at its own recipe's batch size
+            try:
+                preflight(teacher_net, None, None, train_batch_sizes(n_train, t.recipe.batch_size), model=t.model)
+            except KDZooError as e:
+                raise KDZooError(f"teachers[{i}] ({t.model}, batch_size {t.recipe.batch_size}): {e}") from e
+    same_run: dict[str, Variant] = {}  # method + hyperparameters with defaults applied -> first variant
+
+    def entry(v: Variant) -> str:
+        return "the CE baseline (always in the plan)" if v.path == "baseline" else f"{v.path} ({v.label})"
+
     for t_name, s_name in plan.pairs:
         cohort = next(c for c in plan.cohorts if c.teacher.model == t_name and c.student.model == s_name)
         teacher = nets[t_name]
         student = net(s_name, cohort.student.options, "students")
+        sizes = train_batch_sizes(n_train, cohort.recipe.batch_size)
         if s_name not in flops:
             with FlopCounterMode(display=False) as counter, torch.no_grad():
-                student(x[:1])
+                student(x)
             flops[s_name] = counter.get_total_flops()
+            try:
+                preflight(student, None, None, sizes, model=s_name)
+            except KDZooError as e:
+                raise KDZooError(f"students ({s_name}, batch_size {cohort.recipe.batch_size}): {e}") from e
         for v in plan.variants:
             where = f"{v.path} ({v.label}) with teacher {t_name} → student {s_name}"
             try:
                 method = build_method(registry, v.method, v.hparams, student.info, teacher.info, 0)
-                with torch.no_grad():
-                    t_out = teacher(x, features=method.needs_features, embedding=method.needs_embedding)
-                    s_out = student(x, features=method.needs_features, embedding=method.needs_embedding)
-                method.train()
-                terms = method(s_out, t_out if method.needs_teacher else None, y)
-                if not isinstance(terms, dict) or not terms:
-                    raise KDZooError(f"the method returned {type(terms).__name__}, not a dict of loss terms")
+                preflight(student, method, teacher, sizes, model=s_name)
             except KDZooError as e:
                 raise KDZooError(f"{where}: {e}") from e
             except Exception as e:
@@ -279,11 +332,39 @@ def validate(plan: Plan, registry: Registry) -> dict[str, int]:
                     f"{where}: the method fails on a dry forward ({type(e).__name__}: {e}). "
                     "This pair cannot be distilled with it; change the pair or the method's options."
                 ) from e
+            first = same_run.setdefault(json.dumps([v.method, method.hparams], sort_keys=True, default=str), v)
+            if first is not v:
+                raise KDZooError(
+                    f"{entry(first)} and {entry(v)} are the same run: method '{v.method}' with "
+                    f"{', '.join(f'{k}={val}' for k, val in method.hparams.items())} once its defaults are "
+                    "applied, so it would train twice as two columns. Remove one of them, or change a hyperparameter."
+                )
     return flops
 
 
 # -- execution ---------------------------------------------------------------------------------
 Hook = Callable[[str, str], None]  # (event, detail): progress messages from the runner
+
+
+@dataclass
+class Context:
+    """What every executor gets: where the data, plugins and results are, and how to report progress."""
+
+    plan: Plan
+    data: CifarData
+    registry: Registry
+    store: Store
+    device: torch.device
+    progress: Progress
+    say: Hook
+
+
+class Executor(Protocol):
+    """Trains the teachers that ``todo`` needs, then the cohorts in ``todo``, writing every record into
+    ``ctx.store``. The local executor is :func:`run_local`; ``kdzoo.distributed.RayExecutor`` is another.
+    The benchmark runner calls an executor without knowing which one it is."""
+
+    def __call__(self, ctx: Context, todo: list[Cohort]) -> None: ...
 
 
 def _save_state(path: Path, trainer: Trainer, epochs_done: int) -> None:
@@ -301,81 +382,106 @@ def _run_trainer(trainer: Trainer, state_path: Path, say: Hook) -> list[dict[str
     return trainer.fit(start, on_epoch=lambda done: _save_state(state_path, trainer, done))
 
 
-def ensure_teacher(job: TeacherJob, plan: Plan, data: CifarData, registry: Registry, store: Store,
-                   device: torch.device, progress: Progress, say: Hook) -> dict[str, Any]:
-    """Train (or reuse) a teacher; return its record (also written into the store)."""
-    run_id = f"teacher-{job.key}"
-    if job.checkpoint:
-        net, ckpt = load_teacher(registry, job.checkpoint)
-        top1 = ckpt.get("meta", {}).get("top1")
-        record = {"run_id": run_id, "kind": "teacher", "status": "ok", "error": None, "model": job.model,
-                  "teacher": None, "student": {"model": job.model, "params": count_params(net)},
-                  "method": BASELINE, "variant": "teacher", "seed": job.seed, "checkpoint": job.checkpoint, "key": job.key,
-                  "last": {"top1": top1} if top1 is not None else None, "best": None, "source": "checkpoint"}
-        store.write_run(record)
-        return record
-    metrics_path = job.dir / "metrics.json"
-    if job.checkpoint_path.is_file() and metrics_path.is_file():
-        say("teacher", f"{job.model}: cached ({job.dir})")
-        record = json.loads(metrics_path.read_text())
-    else:
-        say("teacher", f"{job.model}: training ({job.recipe.epochs} epochs)")
-        student = build_student(registry, job.model, job.options, job.seed)
-        method = build_method(registry, BASELINE, {}, student.info, None, job.seed)
-        member = Member(f"teacher {job.model}", student, method)
-        trainer = Trainer([member], data, job.recipe, seed=job.seed, device=device, progress=progress)
-        (result,) = _run_trainer(trainer, job.dir / "state.pt", say)
-        record = {**result, "run_id": run_id, "kind": "teacher", "model": job.model, "teacher": None,
-                  "student": {"model": job.model, "params": count_params(student)}, "variant": "teacher",
-                  "seed": job.seed, "key": job.key, "recipe": dataclasses.asdict(job.recipe),
-                  "data": data_info(data), "environment": environment(device, job.recipe)}
-        if result["status"] == "ok":
-            save_run_checkpoint(job.checkpoint_path, job.model, job.options, student, method, result, data, job.seed,
-                                key=job.key)
-            write_json(metrics_path, record)
-            (job.dir / "state.pt").unlink(missing_ok=True)
-    store.write_run(record)
+def cached_teacher(job: TeacherJob) -> TeacherRecord | None:
+    """The cached record of a teacher trained earlier, or None when it must be trained (again).
+
+    The one definition of "already trained", used by the dry run, the CLI's counts, every executor and
+    the time estimate: a checkpoint and a valid, finished record of this very key. A damaged or foreign
+    record does not count (the teacher is retrained and the record rewritten)."""
+    if job.checkpoint or not job.checkpoint_path.is_file():
+        return None
+    try:
+        record = load_record(job.dir / "metrics.json")
+    except RecordError:
+        return None
+    if not isinstance(record, TeacherRecord) or record.key != job.key or record.status != "ok":
+        return None
     return record
 
 
-def run_cohort(cohort: Cohort, teacher_record: dict[str, Any], plan: Plan, data: CifarData, registry: Registry,
-               store: Store, device: torch.device, progress: Progress, say: Hook) -> None:
+def teacher_status(job: TeacherJob) -> str:
+    """``"checkpoint"`` (given by the user), ``"cached"`` (trained earlier) or ``"train"``."""
+    return "checkpoint" if job.checkpoint else "cached" if cached_teacher(job) else "train"
+
+
+def _scores(result: dict[str, Any]) -> dict[str, Any]:
+    """The engine's result dict → the typed record fields they share."""
+    return {"status": result["status"], "error": result["error"], "epochs_done": result["epochs_done"],
+            "history": result["history"], "wall_time_s": result.get("wall_time_s"),
+            "img_per_s": result.get("img_per_s"),
+            "last": Scores(**result["last"]) if result.get("last") else None,
+            "best": BestEpoch(**result["best"]) if result.get("best") else None}
+
+
+def ensure_teacher(job: TeacherJob, ctx: Context) -> TeacherRecord:
+    """Train (or reuse) a teacher; return its record (also written into the store)."""
+    run_id = f"teacher-{job.key}"
+    if job.checkpoint:
+        net, ckpt = load_teacher(ctx.registry, job.checkpoint)
+        meta = ckpt.get("meta", {})
+        last = Scores(top1=float(meta["top1"])) if isinstance(meta.get("top1"), (int, float)) else None
+        record = TeacherRecord(run_id=run_id, key=job.key, model=job.model, seed=job.seed, status="ok",
+                               source="checkpoint", checkpoint=job.checkpoint, params=count_params(net), last=last,
+                               provenance=job.provenance)
+    elif (cached := cached_teacher(job)) is not None:
+        ctx.say("teacher", f"{job.model}: cached ({job.dir})")
+        record = cached
+    else:
+        ctx.say("teacher", f"{job.model}: training ({job.recipe.epochs} epochs)")
+        student = build_student(ctx.registry, job.model, job.options, job.seed)
+        method = build_method(ctx.registry, BASELINE, {}, student.info, None, job.seed)
+        member = Member(f"teacher {job.model}", student, method)
+        trainer = Trainer([member], ctx.data, job.recipe, seed=job.seed, device=ctx.device, progress=ctx.progress)
+        (result,) = _run_trainer(trainer, job.dir / "state.pt", ctx.say)
+        record = TeacherRecord(run_id=run_id, key=job.key, model=job.model, seed=job.seed, source="trained",
+                               params=count_params(student), recipe=dataclasses.asdict(job.recipe),
+                               data=data_info(ctx.data), environment=environment(ctx.device, job.recipe),
+                               provenance=job.provenance, **_scores(result))
+        if record.status == "ok":
+            save_run_checkpoint(job.checkpoint_path, job.model, job.options, student, method, result, ctx.data,
+                                job.seed, key=job.key)
+            write_json(job.dir / "metrics.json", record)
+            (job.dir / "state.pt").unlink(missing_ok=True)
+    ctx.store.write_run(record)
+    return record
+
+
+def run_cohort(cohort: Cohort, teacher: TeacherRecord, ctx: Context) -> None:
     """Train the cohort's unfinished runs (resuming if possible) and write one record per run."""
-    teacher_info = {"model": cohort.teacher.model, "key": cohort.teacher.key,
-                    "top1": (teacher_record.get("last") or {}).get("top1"),
-                    "best_top1": (teacher_record.get("best") or {}).get("top1"),
-                    "params": teacher_record["student"]["params"]}
-    common = {"kind": "student", "cohort_id": cohort.cohort_id, "teacher": teacher_info,
-              "recipe": dataclasses.asdict(cohort.recipe), "seed": cohort.seed}
-    if teacher_record["status"] != "ok":
+    ref = TeacherRef(model=cohort.teacher.model, key=cohort.teacher.key, params=teacher.params,
+                     top1=teacher.last.top1 if teacher.last else None,
+                     best_top1=teacher.best.top1 if teacher.best else None)
+    common = {"cohort_id": cohort.cohort_id, "teacher": ref, "model": cohort.student.model,
+              "model_options": cohort.student.options, "seed": cohort.seed, "recipe": dataclasses.asdict(cohort.recipe)}
+    identity = {run.run_id: {"run_id": run.run_id, "method": run.variant.method, "variant": run.variant.label,
+                             "hparams_override": run.variant.hparams, "provenance": run.provenance}
+                for run in cohort.runs}
+    if teacher.status != "ok":
         for run in cohort.runs:
-            store.write_run({**common, **_identity(cohort, run), "status": "failed",
-                             "error": f"teacher {cohort.teacher.model} failed: {teacher_record.get('error')}"})
+            ctx.store.write_run(RunRecord(**common, **identity[run.run_id], status="failed",
+                                          error=f"teacher {cohort.teacher.model} failed: {teacher.error}"))
         return
-    teacher, _ = load_teacher(registry, cohort.teacher.checkpoint_path)
+    teacher_net, _ = load_teacher(ctx.registry, cohort.teacher.checkpoint_path)
     members = []
     for run in cohort.runs:
-        student = build_student(registry, cohort.student.model, cohort.student.options, cohort.seed)
-        method = build_method(registry, run.variant.method, run.variant.hparams, student.info, teacher.info, cohort.seed)
-        members.append(Member(run.variant.label, student, method, origin=registry.describe_origin(run.variant.method)))
-    trainer = Trainer(members, data, cohort.recipe, teacher=teacher, seed=cohort.seed, device=device, progress=progress)
-    state_path = store.cohort_path(cohort.cohort_id)
-    results = _run_trainer(trainer, state_path, say)
-    env = environment(device, cohort.recipe)
+        student = build_student(ctx.registry, cohort.student.model, cohort.student.options, cohort.seed)
+        method = build_method(ctx.registry, run.variant.method, run.variant.hparams, student.info, teacher_net.info,
+                              cohort.seed)
+        members.append(Member(run.variant.label, student, method,
+                              origin=ctx.registry.describe_origin(run.variant.method)))
+    trainer = Trainer(members, ctx.data, cohort.recipe, teacher=teacher_net, seed=cohort.seed, device=ctx.device,
+                      progress=ctx.progress)
+    state_path = ctx.store.cohort_path(cohort.cohort_id)
+    results = _run_trainer(trainer, state_path, ctx.say)
+    env = environment(ctx.device, cohort.recipe)
     for run, member, result in zip(cohort.runs, members, results):
-        if store.has_run(run.run_id):
+        if ctx.store.has_run(run.run_id):
             continue  # written before an interruption
-        store.write_run({**common, **result, **_identity(cohort, run),
-                         "student": {"model": cohort.student.model, "params": count_params(member.student)},
-                         "flops": plan.flops.get(cohort.student.model), "data": data_info(data),
-                         "environment": env})
+        ctx.store.write_run(RunRecord(
+            **common, **identity[run.run_id], **_scores(result), hparams=result["hparams"],
+            params=result["params"]["student"], method_params=result["params"]["method"],
+            flops=ctx.plan.flops.get(cohort.student.model), data=data_info(ctx.data), environment=env))
     state_path.unlink(missing_ok=True)
-
-
-def _identity(cohort: Cohort, run: RunSpec) -> dict[str, Any]:
-    return {"run_id": run.run_id, "method": run.variant.method, "variant": run.variant.label,
-            "hparams_override": run.variant.hparams, "student": {"model": cohort.student.model},
-            "label": f"{cohort.teacher.model} → {cohort.student.model} {run.variant.label} seed {cohort.seed}"}
 
 
 def budget(plan: Plan, data: CifarData) -> str:
@@ -384,14 +490,14 @@ def budget(plan: Plan, data: CifarData) -> str:
             f"{len(data.train_y):,} train / {len(data.test_y):,} test images")
 
 
-def bench_summary(plan: Plan, data: CifarData) -> dict[str, Any]:
+def bench_summary(plan: Plan, data: CifarData) -> BenchRecord:
     """What ``bench.json`` holds: enough for ``kdzoo report`` to render without the YAML."""
     ref = dataclasses.asdict(plan.bench.reference) if plan.bench.reference else None
-    return {"name": plan.bench.name, "description": plan.bench.description, "budget": budget(plan, data),
-            "columns": [v.label for v in plan.variants], "pairs": [list(p) for p in plan.pairs],
-            "seeds": plan.bench.seeds, "reference": ref, "run_ids": [r.run_id for r in plan.runs],
-            "teachers": {t.model: t.key for t in plan.teachers}, "data_fingerprint": plan.data_fingerprint,
-            "config": dataclasses.asdict(plan.bench), "kdzoo": kdzoo.__version__}
+    return BenchRecord(name=plan.bench.name, description=plan.bench.description, budget=budget(plan, data),
+                       columns=[v.label for v in plan.variants], pairs=[list(p) for p in plan.pairs],
+                       seeds=list(plan.bench.seeds), reference=ref, run_ids=[r.run_id for r in plan.runs],
+                       teachers={t.model: t.key for t in plan.teachers}, data_fingerprint=plan.data_fingerprint,
+                       config=dataclasses.asdict(plan.bench), kdzoo=kdzoo.__version__)
 
 
 def teachers_to_ensure(plan: Plan, todo: list[Cohort], store: Store) -> list[TeacherJob]:
@@ -400,38 +506,49 @@ def teachers_to_ensure(plan: Plan, todo: list[Cohort], store: Store) -> list[Tea
     return [t for t in plan.teachers if t.model in needed or not store.has_run(f"teacher-{t.key}")]
 
 
+def run_local(ctx: Context, todo: list[Cohort]) -> None:
+    """The default executor: the teachers, then one cohort after another, in this process."""
+    teachers = {job.model: ensure_teacher(job, ctx) for job in teachers_to_ensure(ctx.plan, todo, ctx.store)}
+    for i, cohort in enumerate(todo):
+        ctx.say("cohort", f"[{i + 1}/{len(todo)}] {cohort.label}: {', '.join(r.variant.label for r in cohort.runs)}")
+        t0 = time.perf_counter()
+        run_cohort(cohort, teachers[cohort.teacher.model], ctx)
+        ctx.say("cohort_done", f"{cohort.label} in {time.perf_counter() - t0:.0f}s")
+
+
+@dataclass
+class Outcome:
+    """What a benchmark run did: runs trained now, runs already done, and the failed runs of the plan."""
+
+    trained: int
+    skipped: int
+    failed: list[RunRecord | TeacherRecord]
+    set_aside: list[Path]
+
+
 def run_plan(plan: Plan, data: CifarData, registry: Registry, store: Store, device: torch.device,
-             progress: Progress | None = None, say: Hook | None = None, executor: str = "local",
-             ray_address: str | None = None) -> dict[str, Any]:
-    """Execute the plan, skipping what the store already holds. Returns counts of what happened.
+             progress: Progress | None = None, say: Hook | None = None,
+             executor: Executor = run_local) -> Outcome:
+    """Execute the plan with ``executor``, skipping what the store already holds.
 
-    ``executor="ray"`` runs each teacher and each cohort as a Ray task (see ``kdzoo.distributed``);
-    results, resume and the table are the same.
+    A file in ``runs/`` that is not a valid record is moved to ``damaged/`` (said through ``say``) and its
+    run is redone: only valid records count as done.
     """
-    progress = progress or Progress()
-    say = say or (lambda event, detail: None)
+    ctx = Context(plan, data, registry, store, device, progress or Progress(), say or (lambda event, detail: None))
     with store.lock():
+        scan = store.scan()
+        aside = []
+        for error in scan.damaged:
+            aside.append(store.set_aside(error))
+            ctx.say("damaged", f"{error}. Kept it as {aside[-1]}; the run is redone.")
         store.write_bench(bench_summary(plan, data))
-        todo = [c for c in plan.cohorts if not all(store.has_run(r.run_id) for r in c.runs)]
-        if executor == "ray":
-            from kdzoo.distributed import run_on_ray
-
-            run_on_ray(plan, todo, registry, store, progress, say, address=ray_address)
-        elif executor == "local":
-            teacher_records = {job.model: ensure_teacher(job, plan, data, registry, store, device, progress, say)
-                               for job in teachers_to_ensure(plan, todo, store)}
-            for i, cohort in enumerate(todo):
-                say("cohort", f"[{i + 1}/{len(todo)}] {cohort.label}: {', '.join(r.variant.label for r in cohort.runs)}")
-                t0 = time.perf_counter()
-                run_cohort(cohort, teacher_records[cohort.teacher.model], plan, data, registry, store, device,
-                           progress, say)
-                say("cohort_done", f"{cohort.label} in {time.perf_counter() - t0:.0f}s")
-        else:
-            raise KDZooError(f"Unknown executor '{executor}'. Use local or ray.")
+        todo = [c for c in plan.cohorts if not all(scan.done(r.run_id) for r in c.runs)]
+        executor(ctx, todo)
+        records = store.scan().records
     planned = {x.run_id for x in plan.runs}
-    failed = [r for r in store.runs() if r.get("status") == "failed" and r["run_id"] in planned]
+    failed = [r for r in records.values() if r.status == "failed" and r.run_id in planned]
     trained = sum(len(c.runs) for c in todo)
-    return {"trained": trained, "skipped": len(planned) - trained, "failed": failed}
+    return Outcome(trained, len(plan.runs) - trained, failed, aside)
 
 
 def prepare(path: str | Path, registry: Registry, device: str | None = None, cohorts: bool | None = None,
@@ -446,7 +563,7 @@ def prepare(path: str | Path, registry: Registry, device: str | None = None, coh
         bench.data.source = data_source
     dev = resolve_device(device or bench.device)
     data = load_data(bench.data, dev)
-    plan = expand(bench, data.fingerprint)
+    plan = expand(bench, data.fingerprint, registry)
     plan.flops = validate(plan, registry)
     return plan, data, dev
 
@@ -456,7 +573,7 @@ def estimate_seconds(plan: Plan, data: CifarData, registry: Registry, device: to
     probes: dict[tuple, float] = {}
     total = 0.0
     for job in plan.teachers:
-        if job.checkpoint or (job.checkpoint_path.is_file() and (job.dir / "metrics.json").is_file()):
+        if teacher_status(job) != "train":
             continue
         key = ("teacher", job.model)
         if key not in probes:
@@ -487,6 +604,8 @@ def _probe(registry: Registry, data: CifarData, model: str, options: dict[str, A
         student = build_student(registry, model, options, 0)
         method = build_method(registry, v.method, v.hparams, student.info, teacher.info if teacher else None, 0)
         members.append(Member(v.label, student, method))
-    probe_recipe = dataclasses.replace(recipe, epochs=2, batch_size=min(recipe.batch_size, n), compile=False)
+    # a constant schedule: the recipe's milestones lie beyond the probe's 2 epochs (and the lr does not change speed)
+    probe_recipe = dataclasses.replace(recipe, epochs=2, batch_size=min(recipe.batch_size, n), compile=False,
+                                       schedule="constant", milestones=[], warmup_epochs=0.0)
     (result, *_) = Trainer(members, probe_data, probe_recipe, teacher=teacher, seed=0, device=device).fit()
     return 1.0 / max(result["history"][-1]["train_img_per_s"], 1e-9) if result["history"] else 0.0

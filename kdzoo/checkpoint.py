@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 from pathlib import Path
@@ -38,9 +39,67 @@ def atomic_write(path: str | Path, write: Any) -> None:
         raise
 
 
+def ensure_writable_dir(path: str | Path, what: str) -> Path:
+    """Create folder ``path`` if needed and prove that a file can be written in it; ``KDZooError`` naming
+    ``what`` (e.g. "--out") otherwise. Called before training, so that no trained model is lost at the end."""
+    path = Path(path)
+    problem = None
+    if path.exists() and not path.is_dir():
+        problem = f"{path} is a file, not a folder"
+    else:
+        parent = next((p for p in [path, *path.parents] if p.exists()), None)
+        if parent is not None and not parent.is_dir():
+            problem = f"{parent} is a file, so {path} cannot be a folder below it"
+    if problem is None:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".kdzoo-write-check.", dir=path)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            problem = f"{path} cannot be written ({e.strerror or e})"
+    if problem is not None:
+        raise KDZooError(f"The {what} folder {path} cannot be used: {problem}. Pick another folder (or fix its "
+                         "permissions); nothing has been trained yet.")
+    return path
+
+
+def _on_cpu(value: Any) -> Any:
+    """``value`` with every tensor in it (in dicts, lists and tuples) on the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _on_cpu(v) for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_on_cpu(v) for v in value)
+    return value
+
+
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
-    """Write a checkpoint atomically. ``payload`` must hold only tensors and plain Python values."""
+    """Write a checkpoint atomically. ``payload`` must hold only tensors and plain Python values.
+
+    Tensors are stored on the CPU, so a checkpoint written on a GPU loads on a machine without
+    one, even with a plain ``torch.load`` (no ``map_location``)."""
+    payload = _on_cpu(payload)
     atomic_write(path, lambda tmp: torch.save({"format": FORMAT, **payload}, tmp))
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else "no detail"
+
+
+def _refused_objects(message: str) -> str | None:
+    """What torch's weights-only unpickler refused, from its error message: the globals it names
+    (``os.system``, ``__main__.Payload``) or the unsupported instruction; None if it refused nothing.
+    torch's own advice (loading with ``weights_only=False``, allow-listing globals) is left out:
+    kdzoo never loads arbitrary objects."""
+    if "Weights only load failed" not in message:
+        return None
+    names = list(dict.fromkeys(re.findall(r"GLOBAL ([\w.]+)", message)))
+    if names:  # os.system pickles as posix.system (nt.system on Windows)
+        return ", ".join(f"{n} (os.{n.split('.', 1)[1]})" if n.startswith(("posix.", "nt.")) else n for n in names)
+    operand = re.search(r"Unsupported operand[^\n.]*", message)
+    return operand.group(0).strip() if operand else "objects other than tensors and plain values"
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -50,10 +109,21 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise KDZooError(f"Checkpoint {path} does not exist. Pass the checkpoint.pt written by `kdzoo train` (under its --out folder).")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError, OSError) as e:
+    except pickle.UnpicklingError as e:
+        refused = _refused_objects(str(e))
+        if refused is None:
+            raise KDZooError(f"Checkpoint {path} cannot be read (UnpicklingError: {_first_line(e)}). It is truncated "
+                             "or corrupt; re-create it with `kdzoo train`.") from e
         raise KDZooError(
-            f"Checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
-            "It is truncated, corrupt, or not a safe-to-load PyTorch file; re-create it with `kdzoo train`."
+            f"Checkpoint {path} contains code or objects that kdzoo will not load: {refused}. A kdzoo checkpoint "
+            "holds only tensors and plain Python values, and kdzoo loads nothing else, because unpickling other "
+            "objects can run arbitrary code (nothing from this file was run). Use a checkpoint written by "
+            "`kdzoo train` or `kdzoo distill`; if the file is your own, save only tensors and plain values in it."
+        ) from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise KDZooError(
+            f"Checkpoint {path} cannot be read ({type(e).__name__}: {_first_line(e)}). "
+            "It is truncated, corrupt, or not a PyTorch file; re-create it with `kdzoo train`."
         ) from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise KDZooError(

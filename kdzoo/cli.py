@@ -154,9 +154,10 @@ def cmd_plugins(args: argparse.Namespace, registry: Registry) -> None:
     for col in ("plugin", "distribution", "version", "status", "methods", "models"):
         table.add_column(col)
     for p in registry.plugins:
-        models = (", ".join(p.models) if len(p.models) <= 3 else f"{len(p.models)} (see `kdzoo models`)") if p.models else ""
+        models = [(", ".join(p.models) if len(p.models) <= 3 else f"{len(p.models)} (see `kdzoo models`)")] if p.models else []
+        models += [f"{family} (listed on use: `kdzoo models`)" for family in p.model_families]
         status = {"ok": "[green]ok[/]", "disabled": "[yellow]disabled[/]"}.get(p.status, f"[red]broken[/]: {p.error}")
-        table.add_row(p.name, p.dist, p.version, status, ", ".join(p.methods), models)
+        table.add_row(p.name, p.dist, p.version, status, ", ".join(p.methods), "; ".join(models))
     console.print(table)
 
 
@@ -174,6 +175,8 @@ def cmd_methods(args: argparse.Namespace, registry: Registry) -> None:
 
 def cmd_models(args: argparse.Namespace, registry: Registry) -> None:
     names = registry.model_names(args.pattern)
+    for plugin, error in registry.models.errors.items():  # a model family that could not be listed
+        err_console.print(f"[bold yellow]warning:[/] plugin '{plugin}' is broken: {escape(error)}", highlight=False)
     if not names:
         raise KDZooError(f"No registered model matches '{args.pattern}'. Patterns are globs, e.g. 'resnet*' or '*cifar*'.")
     console.print("\n".join(names), soft_wrap=True)
@@ -201,6 +204,7 @@ def cmd_bench(args: argparse.Namespace, registry: Registry) -> int:
     from pathlib import Path
 
     from kdzoo import bench
+    from kdzoo.checkpoint import ensure_writable_dir
     from kdzoo.progress import RichProgress
     from kdzoo.store import Store
 
@@ -208,44 +212,58 @@ def cmd_bench(args: argparse.Namespace, registry: Registry) -> int:
                                        cohorts=False if args.no_cohorts else None, data_source=args.data)
     out = Path(args.out or f"runs/bench/{plan.bench.name}")
     store = Store(out)
-    teachers_todo = [t for t in plan.teachers if not t.checkpoint and not (t.dir / "metrics.json").is_file()]
+    teachers_todo = [t for t in plan.teachers if bench.teacher_status(t) == "train"]
     runs_todo = [r for r in plan.runs if not store.has_run(r.run_id)]
     if args.dry_run:
-        show_plan(plan, store, teachers_todo)
+        show_plan(plan, store)
         seconds = bench.estimate_seconds(plan, data, registry, device)
         console.print(f"Estimated time for what is left: [bold]{seconds / 60:.1f} min[/] on {device} "
                       f"(from a short measured probe; evaluation included roughly).")
         return 0
+    ensure_writable_dir(out, "results (--out)")
+    if teachers_todo:
+        ensure_writable_dir(bench.cache_dir() / "teachers", "teacher cache ($KDZOO_CACHE)")
+    if args.executor == "ray":
+        from kdzoo.distributed import RayExecutor
+
+        executor: bench.Executor = RayExecutor(args.ray_address)
+    else:
+        executor = bench.run_local
     console.print(f"[bold]{plan.bench.name}[/]: {len(plan.runs)} runs in {len(plan.cohorts)} cohorts, "
                   f"{len(runs_todo)} to train, {len(teachers_todo)} teacher(s) to train; results in {out}")
     with RichProgress(err_console, plan_total=len(runs_todo) + len(teachers_todo)) as progress:
-        outcome = bench.run_plan(plan, data, registry, store, device, progress, progress.say,
-                                 executor=args.executor, ray_address=args.ray_address)
+        outcome = bench.run_plan(plan, data, registry, store, device, progress, progress.say, executor=executor)
     report(store, args.metric, export=True)
-    if outcome["failed"]:
-        err_console.print(f"[red]{len(outcome['failed'])} run(s) failed[/] (listed under the table); the others finished.")
+    if outcome.failed:
+        err_console.print(f"[red]{len(outcome.failed)} run(s) failed[/] (listed under the table); the others finished.")
         return 1
     return 0
 
 
-def show_plan(plan: Plan, store: Store, teachers_todo: list) -> None:
+def show_plan(plan: Plan, store: Store) -> None:
+    from kdzoo.bench import teacher_status
+
     table = Table(title=f"{plan.bench.name}: plan")
     for col in ("teacher", "status"):
         table.add_column(col)
     for t in plan.teachers:
-        status = ("checkpoint " + str(t.checkpoint)) if t.checkpoint else (
-            f"train {t.recipe.epochs} epochs" if t in teachers_todo else f"cached ({t.dir})")
+        status = {"checkpoint": f"checkpoint {t.checkpoint}", "train": f"train {t.recipe.epochs} epochs",
+                  "cached": f"cached ({t.dir})"}[teacher_status(t)]
         table.add_row(t.model, status)
     console.print(table)
+    scan = store.scan()
     table = Table(title="cohorts (runs trained together on identical batches)")
     for col in ("teacher → student", "seed", "runs", "status"):
         table.add_column(col)
     for c in plan.cohorts:
-        done = sum(store.has_run(r.run_id) for r in c.runs)
+        done = sum(scan.done(r.run_id) for r in c.runs)
         status = "done" if done == len(c.runs) else (
             "resumable" if store.cohort_path(c.cohort_id).is_file() else "to train")
         table.add_row(f"{c.teacher.model} → {c.student.model}", str(c.seed), ", ".join(r.variant.label for r in c.runs), status)
     console.print(table)
+    for error in scan.damaged:
+        err_console.print(f"[yellow]warning:[/] {escape(str(error))}; the run will be redone (the file is kept "
+                          "aside under damaged/).", highlight=False)
 
 
 def report(store: Store, metric: str, export: bool) -> None:
@@ -282,6 +300,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.registry = load_plugins(disable=_disabled(args.plugin_flags), strict=args.strict_plugins)
+        for warning in args.registry.warnings:  # e.g. -p no:NAME naming no installed plugin
+            err_console.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False)
         rc = COMMANDS[args.command](args, args.registry)
     except KDZooError as e:
         if args.debug:

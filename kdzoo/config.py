@@ -7,6 +7,7 @@ path of the offending field, e.g. ``recipe.lr``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from typing import Any, TypeVar
 import yaml
 
 from kdzoo import KDZooError
-from kdzoo.methods import suggest
+from kdzoo.errors import suggest
 
 T = TypeVar("T")
 
@@ -64,6 +65,10 @@ class Recipe:
                 raise KDZooError(
                     f"{path}.{key} is '{value}', which is not one of {', '.join(allowed)}.{suggest(value, allowed)}"
                 )
+        for f in dataclasses.fields(self):  # a Recipe built in code skips parse()'s check
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise KDZooError(f"{path}.{f.name} must be a finite number, got {value!r}.")
         for key in ("epochs", "batch_size", "eval_batch_size"):
             if getattr(self, key) < 1:
                 raise KDZooError(f"{path}.{key} must be at least 1, got {getattr(self, key)}.")
@@ -73,6 +78,19 @@ class Recipe:
             raise KDZooError(f"{path}.label_smoothing must be in [0, 1), got {self.label_smoothing}.")
         if any(not 0 < m <= self.epochs for m in self.milestones):
             raise KDZooError(f"{path}.milestones {self.milestones} must lie within 1..epochs ({self.epochs}).")
+        if self.milestones != sorted(set(self.milestones)):
+            twice = sorted({m for m in self.milestones if self.milestones.count(m) > 1})
+            problem = (f"lists epoch {twice[0]} more than once, which would multiply the learning rate by "
+                       f"gamma={self.gamma} once per entry (for a larger drop, lower gamma)" if twice
+                       else "is not in increasing order")
+            raise KDZooError(f"{path}.milestones {self.milestones} {problem}. List each epoch once, in increasing "
+                             f"order: {sorted(set(self.milestones))}.")
+        if self.schedule == "multistep" and not self.milestones:
+            raise KDZooError(
+                f"{path}.schedule is multistep but {path}.milestones is empty, so the learning rate would never "
+                f"change. Give the epochs at which it is multiplied by gamma={self.gamma} (e.g. milestones: "
+                f"[150, 180, 210] for 240 epochs), or use schedule: constant."
+            )
 
 
 @dataclass
@@ -102,12 +120,12 @@ def _type_name(tp: Any) -> str:
     )
 
 
-def _coerce(value: Any, tp: Any, path: str) -> Any:
+def _coerce(value: Any, tp: Any, path: str, fix: str = " Fix this value in your config.") -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(tp):
             try:
-                return _coerce(value, arg, path)
+                return _coerce(value, arg, path, fix)
             except KDZooError:
                 continue
     elif tp is Any:
@@ -116,11 +134,11 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         if value is None:
             return None
     elif dataclasses.is_dataclass(tp):
-        return parse(tp, value, path)
+        return parse(tp, value, path, fix=fix)
     elif origin is list:
         if isinstance(value, list):
             (item,) = typing.get_args(tp)
-            return [_coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
+            return [_coerce(v, item, f"{path}[{i}]", fix) for i, v in enumerate(value)]
     elif origin is dict:
         if isinstance(value, dict):
             return dict(value)
@@ -132,15 +150,19 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # YAML .nan/.inf, --lr nan: refused here, never trained on
+                raise KDZooError(f"{path} must be a finite number, got {value!r}.{fix}")
             return float(value)
     elif tp is str:
         if isinstance(value, str):
             return value
-    raise KDZooError(f"{path} must be {_type_name(tp)}, got {value!r}. Fix this value in your config.")
+    raise KDZooError(f"{path} must be {_type_name(tp)}, got {value!r}.{fix}")
 
 
-def parse(cls: type[T], mapping: Any, path: str = "") -> T:
-    """Build dataclass ``cls`` from a mapping, validating keys and types. Raises ``KDZooError``."""
+def parse(cls: type[T], mapping: Any, path: str = "", *, fix: str = " Fix this value in your config.") -> T:
+    """Build dataclass ``cls`` from a mapping, validating keys and types. Raises ``KDZooError``.
+
+    ``fix`` ends a wrong-type message (records read from a results folder say nothing of configs)."""
     where = path or "the config"
     if not isinstance(mapping, dict):
         raise KDZooError(f"{where} must be a mapping of keys to values, got {mapping!r}.")
@@ -154,7 +176,7 @@ def parse(cls: type[T], mapping: Any, path: str = "") -> T:
                 f"Unknown key '{full}'.{suggest(key, fields)} Valid keys{' under ' + path if path else ''}: "
                 f"{', '.join(fields)}."
             )
-        kwargs[key] = _coerce(value, hints[key], full)
+        kwargs[key] = _coerce(value, hints[key], full, fix)
     missing = [
         n for n, f in fields.items()
         if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING

@@ -272,6 +272,31 @@ def _check_size(name: str, value: int | None, allow_zero: bool = False) -> None:
         raise KDZooError(f"{name} must be {'zero or more' if allow_zero else 'at least 1'}, got {value}.")
 
 
+def _check_every_class(name: str, n: int | None, class_names: tuple[str, ...], effect: str) -> None:
+    """A stratified subset smaller than the number of classes would silently leave classes out."""
+    k = len(class_names)
+    if n is None or n == 0 or n >= k:
+        return
+    missing = ", ".join(f"{c} ({class_names[c]})" for c in range(n, k))
+    raise KDZooError(
+        f"{name}={n} is smaller than the {k} classes: a stratified subset of {n} image{'s' if n != 1 else ''} "
+        f"has one image of class{'es 0-' if n > 1 else ' '}{n - 1} and none of classes {missing}, so {effect}. "
+        f"Use {name} >= {k}, at least one image per class (a few hundred per class for meaningful accuracy).")
+
+
+def train_set_size(train_size: int | None, val_size: int = 0) -> int:
+    """How many training images ``prepare_data`` keeps: ``train_size``, or CIFAR-10's whole training
+    split less the ``val_size`` images held out (known before any data is loaded)."""
+    return train_size if train_size is not None else EXPECTED_SHAPES["y_train"][0] - (val_size or 0)
+
+
+def train_batch_sizes(n_train: int, batch_size: int) -> list[int]:
+    """The distinct sizes of the batches ``CifarData.train_batches`` yields (the engine's default,
+    ``drop_last=True``): ``[batch_size]``, or ``[n_train]`` when the set is no larger than one batch."""
+    _check_size("batch_size", batch_size)
+    return [batch_size] if n_train > batch_size else [n_train]
+
+
 def _per_class(n: int, k: int) -> list[int]:
     """Split n over k classes equally; the remainder goes to the first classes."""
     return [n // k + (1 if c < n % k else 0) for c in range(k)]
@@ -325,6 +350,9 @@ def _subset_indices(raw: RawCifar10, train_size: int | None, test_size: int | No
     _check_size("train_size", train_size)
     _check_size("test_size", test_size)
     _check_size("val_size", val_size, allow_zero=True)
+    _check_every_class("train_size", train_size, raw.class_names, "the network would never see those")
+    _check_every_class("val_size", val_size, raw.class_names, "the best epoch would be chosen without them")
+    _check_every_class("test_size", test_size, raw.class_names, "accuracy would be measured without them")
     val_size = val_size or 0
     k = len(raw.class_names)
     n_train, n_test = len(raw.y_train), len(raw.y_test)
@@ -515,4 +543,4 @@ class CifarData:
 
 
 __all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "CIFAR10_CLASSES", "FINGERPRINTS", "RawCifar10", "CifarData",
-           "load_cifar10", "prepare_data", "clear_cache"]
+           "load_cifar10", "prepare_data", "clear_cache", "train_set_size", "train_batch_sizes"]

@@ -4,8 +4,9 @@ A ``Trainer`` trains a *cohort*: one or more ``Member`` (student + method) pairs
 teacher, a seed, a recipe and the data. Each batch is loaded and augmented once, the teacher
 runs once (with stage features only if some member needs them), and every member takes its
 own optimiser step. A solo run is a cohort of one, so a member trained in a cohort gives the
-same result as the same member trained alone (bit for bit on CPU; a test checks it):
-members are built from the same seed, see the same batches, and each keeps its own RNG state.
+same result as the same member trained alone (bit for bit on CPU, and on CUDA with
+deterministic kernels; tests check both): members are built from the same seed, see the same
+batches, and each keeps its own RNG streams, which start from the trainer's seed.
 
 A member whose loss becomes non-finite, or whose method raises, stops with a recorded error;
 the other members continue.
@@ -17,7 +18,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -155,6 +156,20 @@ def _set_rng(states: list[torch.Tensor], device: torch.device) -> None:
         torch.cuda.set_rng_state(states[1], device)
 
 
+def _initial_rng(seed: int, device: torch.device) -> list[torch.Tensor]:
+    """The RNG streams every member starts from: a function of the trainer's seed alone.
+
+    Not the global state at construction, which depends on what was built before (a method with
+    parameters draws their initialisation): with it, a member with dropout drew different masks
+    in a cohort than alone. Members of one cohort start from the same streams.
+    """
+    mixed = (int(seed) * 1_000_003 + 0x6B647A6F) % (1 << 63)  # apart from the seed the weights were drawn with
+    states = [torch.Generator().manual_seed(mixed).get_state()]
+    if device.type == "cuda":
+        states.append(torch.Generator(device=device).manual_seed(mixed).get_state())
+    return states
+
+
 def _check_terms(terms: Any) -> None:
     """The Method contract: a non-empty dict of names to scalar tensors."""
     if not isinstance(terms, dict) or not terms:
@@ -167,6 +182,114 @@ def _check_terms(terms: Any) -> None:
 
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+PREFLIGHT_MAX_BATCH = 2  # what fails only at tiny batches shows at 1 or 2 images; larger dry batches cost time
+
+
+@contextlib.contextmanager
+def _leave_no_trace(*modules: nn.Module | None) -> Iterator[None]:
+    """Restore the buffers (BatchNorm statistics), gradients and train/eval modes of ``modules``,
+    and torch's RNG state, on exit."""
+    mods = list({id(m): m for m in modules if m is not None}.values())
+    modes = [(sub, sub.training) for m in mods for sub in m.modules()]
+    buffers = [(b, b.detach().clone()) for m in mods for b in m.buffers()]
+    params = [p for m in mods for p in m.parameters()]
+    grads = [p.grad for p in params]
+    cuda = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda):
+        try:
+            for p in params:
+                p.grad = None
+            yield
+        finally:
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
+            for p, g in zip(params, grads):
+                p.grad = g
+            for sub, mode in modes:
+                sub.training = mode
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else "no detail"
+
+
+def _dry_student_step(student: KDNet, x: torch.Tensor, name: str) -> None:
+    """A train-mode forward and backward of the student alone; ``KDZooError`` naming the model if it fails."""
+    images = f"{len(x)} image{'s' if len(x) != 1 else ''}"
+    try:
+        student.train()
+        logits = student(x).logits
+        if logits.requires_grad:
+            logits.float().sum().backward()
+    except Exception as e:
+        if "Expected more than 1 value per channel" in str(e):
+            raise KDZooError(
+                f"Batch size too small for model {name}: a training batch of {images} reaches a BatchNorm "
+                "layer with only one value per channel, which BatchNorm cannot normalise in training mode. "
+                "Use a batch size of at least 2 (recipe.batch_size, --batch-size)."
+            ) from e
+        raise KDZooError(
+            f"Model {name} fails a dry training step (forward and backward) on a batch of {images}: "
+            f"{type(e).__name__}: {_first_line(e)}. Check its model options, or use a larger batch size."
+        ) from e
+
+
+def preflight(student: KDNet, method: Method | None, teacher: KDNet | None, batch_sizes: Iterable[int], *,
+              model: str = "", input_size: tuple[int, int] = (32, 32)) -> None:
+    """Refuse, before any training, a run that cannot train at the batch sizes it will see
+    (``kdzoo.data.train_batch_sizes``); ``KDZooError`` with the problem and the fix.
+
+    Calls ``method.validate_batch_size`` with each size, then takes a dry training step at the
+    smallest size (at most :data:`PREFLIGHT_MAX_BATCH`) on random images: a train-mode forward
+    and backward of the student with the method and the teacher (of the student alone when
+    ``method`` is None, or to tell whether a failure is the model's: BatchNorm refuses a batch of
+    one). Leaves no trace (see ``_leave_no_trace``); runs where the modules are.
+    """
+    sizes = sorted(set(batch_sizes))
+    if not sizes:
+        raise ValueError("preflight needs at least one batch size")
+    if method is not None and method.needs_teacher and teacher is None:
+        raise KDZooError(f"Method '{method.name}' needs a teacher; pass --teacher CHECKPOINT.")
+    for size in sizes if method is not None else ():
+        method.validate_batch_size(size)
+    b = min(sizes[0], PREFLIGHT_MAX_BATCH)
+    name = f"'{model}'" if model else "the student"
+    param = next(student.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    x = torch.randn(b, 3, *input_size, generator=torch.Generator().manual_seed(0)).to(device)
+    y = (torch.arange(b) % student.info.num_classes).to(device)
+    with _leave_no_trace(student, method, teacher):
+        if method is None:
+            _dry_student_step(student, x, name)
+            return
+        try:
+            t_out = None
+            if method.needs_teacher:
+                teacher.eval()
+                with torch.no_grad():
+                    t_out = teacher(x, features=method.needs_features, embedding=method.needs_embedding)
+            student.train()
+            method.train()
+            s_out = student(x, features=method.needs_features, embedding=method.needs_embedding)
+            terms = method(s_out, t_out, y)
+            _check_terms(terms)
+            loss = sum(terms.values())
+            if loss.requires_grad:
+                loss.backward()
+        except KDZooError:
+            raise
+        except Exception as e:
+            for p in student.parameters():
+                p.grad = None
+            _dry_student_step(student, x, name)  # the model's own failure (BatchNorm), named as such
+            raise KDZooError(
+                f"Method '{method.name}' fails a dry training step with student {name} on a batch of {b} "
+                f"image{'s' if b != 1 else ''}: {type(e).__name__}: {_first_line(e)}. Change the method's "
+                "options or the teacher/student pair."
+            ) from e
 
 
 class Trainer:
@@ -204,7 +327,7 @@ class Trainer:
             m.optimizer = m.optimizer or build_optimizer(m, recipe)
             m.scheduler = m.scheduler or torch.optim.lr_scheduler.LambdaLR(m.optimizer, lr_factor(recipe, self.steps_per_epoch))
             if m.rng_state is None:
-                m.rng_state = _get_rng(self.device)
+                m.rng_state = _initial_rng(seed, self.device)
         if teacher is not None:
             teacher.to(self.device, memory_format=self.memory_format).eval().requires_grad_(False)
         self.need_features = any(m.method.needs_features for m in members)

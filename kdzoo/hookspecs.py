@@ -34,4 +34,13 @@ def register_models(register):
     returns an ``nn.Module`` whose ``forward`` maps an image batch ``(B, 3, H, W)`` to logits
     ``(B, num_classes)``. timm-style models (``forward_intermediates``, ``feature_info``,
     ``forward_head``) give exact stage features; plain modules are handled with hooks.
+
+    ``register.family(list_names, make_factory, description)`` registers many names lazily, for a
+    plugin whose names are costly to list (the timm plugin: importing timm takes seconds).
+    ``list_names()`` returns every name of the family; kdzoo calls it once, the first time a model
+    is looked up or listed, never for commands that need only methods. ``make_factory(name)``
+    returns the factory of one listed name, when that name is first used. ``description`` (a few
+    words) is what ``kdzoo plugins`` shows instead of a count. A family name that another
+    registration also has is an error naming both plugins when that name is used. Keep the hook
+    and the module that defines it free of heavy imports: do them inside the two callables.
     """

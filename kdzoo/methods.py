@@ -15,38 +15,68 @@ Contract (see docs/writing-plugins.md):
   minimises their sum and logs each term.
 * The engine calls ``start_epoch(epoch, num_epochs)`` before each epoch (0-based), so a
   method can warm up or switch phases.
+* Loss weights are ``>= 0`` unless named in ``signed_weights``; every hyperparameter is finite.
+* Validation calls ``validate_batch_size(batch_size)`` before any training, with each training
+  batch size the run will see, so a method that cannot work at a size refuses it up front.
 """
 from __future__ import annotations
 
-import difflib
-from typing import Any, ClassVar
+import math
+from typing import Any, ClassVar, Collection
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kdzoo import KDZooError
+from kdzoo.errors import suggest  # also importable from here, as before
 from kdzoo.hookspecs import hookimpl
 from kdzoo.models import NetInfo, Outputs
 
 _RESERVED = set(dir(nn.Module)) | {"hparams", "epoch", "num_epochs", "label_smoothing", "student_info", "teacher_info"}
+_RESERVED |= {"signed_weights", "validate_batch_size", "start_epoch", "ce"}
+
+# Names papers and other libraries use for kdzoo's hyperparameters, for "Did you mean" in errors.
+_ALIASES = {"temperature": "T", "temp": "T", "tau": "T"}
+_AMBIGUOUS_WEIGHTS = ("alpha", "beta")  # opposite meanings in different papers; kdzoo names weights w_<term>
 
 
-def suggest(name: str, choices: Any) -> str:
-    """`` Did you mean 'x'?`` for the closest of ``choices``, or an empty string."""
-    name, choices = str(name), [str(c) for c in choices]
-    close = difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
-    close += [c for c in choices if c not in close and len(c) > 1 and (name.startswith(c) or c.startswith(name))][:2]
-    return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+def _unknown_hint(key: str, defaults: dict[str, Any]) -> str:
+    """Suggest by meaning (``temperature`` → ``T``; ``alpha`` → the ``w_*`` weights), else by spelling."""
+    alias = _ALIASES.get(key.lower())
+    if alias in defaults:
+        return f" Did you mean '{alias}'? kdzoo calls the {key} '{alias}'."
+    if key.lower() in _AMBIGUOUS_WEIGHTS:
+        weights = [k for k in defaults if k.startswith("w_")]
+        hint = (f" kdzoo never uses a bare '{key}', because papers give it opposite meanings; set the loss "
+                f"weights directly: {', '.join(weights)}.")
+        if key.lower() == "alpha" and {"w_ce", "w_kd"} <= set(defaults):
+            hint += (" The seed article's alpha * hard + (1 - alpha) * soft is w_ce = alpha, w_kd = 1 - alpha "
+                     "(alpha=0.1: --set w_ce=0.1 --set w_kd=0.9); RepDistiller's alpha is w_kd.")
+        return hint
+    return suggest(key, defaults)
 
 
-def coerce_hparams(method_name: str, defaults: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Merge ``overrides`` into ``defaults``, checking names and types. Raises ``KDZooError``."""
+def _finite(value: Any) -> bool:
+    """False if ``value`` is, or holds (in lists and mappings), a NaN or infinite float."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return all(_finite(v) for v in value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    return True
+
+
+def coerce_hparams(method_name: str, defaults: dict[str, Any], overrides: dict[str, Any],
+                   signed_weights: Collection[str] = frozenset()) -> dict[str, Any]:
+    """Merge ``overrides`` into ``defaults``, checking names, types, finiteness and the sign of loss
+    weights (``w_*`` must be ``>= 0`` unless named in ``signed_weights``). Raises ``KDZooError``."""
     out = dict(defaults)
     for key, value in overrides.items():
         if key not in defaults:
             raise KDZooError(
-                f"Method '{method_name}' has no hyperparameter '{key}'.{suggest(key, defaults)} "
+                f"Method '{method_name}' has no hyperparameter '{key}'.{_unknown_hint(key, defaults)} "
                 f"Its hyperparameters are: {', '.join(sorted(defaults)) or '(none)'}."
             )
         default = defaults[key]
@@ -61,6 +91,18 @@ def coerce_hparams(method_name: str, defaults: dict[str, Any], overrides: dict[s
                 f"Hyperparameter '{key}' of method '{method_name}' must be {type(default).__name__} "
                 f"(default {default!r}), got {value!r}. Fix the value in your config or --set."
             )
+        if not _finite(value):
+            raise KDZooError(
+                f"Hyperparameter '{key}' of method '{method_name}' must be a finite number, got {value!r}. "
+                "Fix the value in your config or --set."
+            )
+        if (key.startswith("w_") and isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0
+                and key not in signed_weights):
+            raise KDZooError(
+                f"Loss weight '{key}' of method '{method_name}' is {value!r}, but loss weights must be >= 0: "
+                f"training minimises the sum of the weighted terms, so a negative weight would maximise the "
+                f"'{key[2:]}' term instead. Use a value >= 0 (0 switches the term off)."
+            )
         out[key] = float(value) if isinstance(default, float) else value
     return out
 
@@ -74,6 +116,7 @@ class Method(nn.Module):
     needs_embedding: ClassVar[bool] = False
     defaults: ClassVar[dict[str, Any]] = {"w_ce": 1.0}
     reference: ClassVar[str] = ""  # where the definition comes from
+    signed_weights: ClassVar[frozenset[str]] = frozenset()  # loss weights (w_* names) that may be negative
 
     def __init__(self, student: NetInfo, teacher: NetInfo | None = None, **hparams: Any) -> None:
         super().__init__()
@@ -81,10 +124,10 @@ class Method(nn.Module):
             raise KDZooError(f"Method '{self.name}' distils from a teacher, but none was given.")
         self.student_info = student
         self.teacher_info = teacher
-        self.hparams = coerce_hparams(self.name, self.defaults, hparams)
+        self.hparams = coerce_hparams(self.name, self.defaults, hparams, self.signed_weights)
         for key, value in self.hparams.items():
             if key in _RESERVED:  # a plugin bug, not a user error
-                raise TypeError(f"{type(self).__name__}: hyperparameter name {key!r} shadows an nn.Module attribute")
+                raise TypeError(f"{type(self).__name__}: hyperparameter name {key!r} shadows a Method or nn.Module attribute")
             setattr(self, key, value)
         self.epoch = 0
         self.num_epochs = 1
@@ -94,6 +137,11 @@ class Method(nn.Module):
         """Called by the engine before each epoch (0-based)."""
         self.epoch = epoch
         self.num_epochs = num_epochs
+
+    def validate_batch_size(self, batch_size: int) -> None:
+        """Called before any training with each training batch size the run will see (a recipe's
+        ``batch_size``, or the whole training set when it is smaller). Raise ``KDZooError`` saying
+        which sizes work if this method cannot train on batches of ``batch_size``. Accepts all here."""
 
     def ce(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy on the labels, with the recipe's label smoothing (unweighted)."""

@@ -38,7 +38,7 @@ class RichProgress(Progress):
         self.live = False
 
     def say(self, event: str, detail: str) -> None:
-        style = {"resume": "yellow", "cohort_done": "dim"}.get(event, "bold")
+        style = {"resume": "yellow", "damaged": "yellow", "cohort_done": "dim"}.get(event, "bold")
         self.bars.console.print(f"[{style}]{escape(detail)}[/]", highlight=False)
 
     def run_start(self, labels: list[str], epochs: int, steps_per_epoch: int, start_epoch: int = 0) -> None:

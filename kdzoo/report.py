@@ -8,17 +8,11 @@ networks' parameter counts sit alongside. With a ``reference`` block, each cell 
 number shows ours beside theirs (converted to test error when the reference is in error) and the
 difference ours − theirs.
 
-Inputs (``summarize``):
-
-- ``records``: run records as written by :class:`kdzoo.store.Store` (``kind`` "teacher"/"student").
-- ``bench``: the ``bench.json`` dict. Keys read: ``columns`` and ``pairs`` (required); ``name``,
-  ``description``, ``budget``, ``seeds``, ``reference`` and ``teachers`` ({model: key}, used only
-  before any student of a pair has run) (optional). Without ``seeds`` the seeds are those found in
-  the records.
-
-A teacher run (``kind`` "teacher") is identified by its ``teacher`` block's model/key, else its
-top-level ``model``/``key``; the teacher of a pair is the one whose key the pair's student records
-name. With no teacher run in the store, the student records' ``teacher`` block supplies the numbers.
+Inputs (``summarize``): the typed records of :mod:`kdzoo.records` as the store reads them
+(``RunRecord`` and ``TeacherRecord``) and the folder's ``BenchRecord``. Only the records of the
+current plan count (``bench.run_ids``, ``bench.teachers``). A pair's teacher is the teacher record
+whose key its students name (before any student has run, the key the plan names); without a
+teacher record, the students' ``teacher`` blocks supply its numbers.
 
 Cell states: ``ok`` (every seed finished), ``partial`` (some seeds finished, others failed or not
 run: stats cover the finished seeds and the cell says what is missing), ``failed`` (no seed
@@ -39,6 +33,7 @@ from rich.text import Text
 
 from kdzoo import KDZooError
 from kdzoo.checkpoint import atomic_write
+from kdzoo.records import BenchRecord, Record, RunRecord, TeacherRecord
 from kdzoo.store import Store, write_json
 
 METRICS = {"last": "last-epoch top-1", "best": "best-epoch top-1"}
@@ -150,15 +145,9 @@ class Summary:
 
 
 # -- building the summary ----------------------------------------------------------------------
-def _top1(rec: dict[str, Any], metric: str) -> float | None:
-    value = (rec.get(metric) or {}).get("top1")
-    return float(value) if value is not None else None
-
-
-def _teacher_identity(rec: dict[str, Any]) -> tuple[str | None, str | None]:
-    """(model, key) of the teacher a record belongs to: a student's ``teacher`` block, or a teacher run's own."""
-    block = rec.get("teacher") or rec
-    return block.get("model"), block.get("key")
+def _top1(rec: RunRecord | TeacherRecord, metric: str) -> float | None:
+    scores = rec.last if metric == "last" else rec.best
+    return scores.top1 if scores is not None else None
 
 
 def _one_line(text: Any) -> str:
@@ -175,52 +164,27 @@ def _number(value: Any) -> float | None:
         return None
 
 
-def _pick(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Of several records for the same seed, a finished one wins; otherwise the last in store order."""
-    ok = [r for r in runs if r.get("status") == "ok"]
-    return (ok or runs)[-1]
-
-
-def _check_bench(bench: dict[str, Any]) -> None:
-    for key in ("columns", "pairs"):
-        if not isinstance(bench.get(key), list):
-            raise KDZooError(
-                f"bench.json has no '{key}' list, so the table cannot be laid out. "
-                "The folder was written by another kdzoo version or edited by hand; re-run `kdzoo bench` on its YAML."
-            )
-
-
-def _runs_by_seed(students: list[dict[str, Any]], pair: tuple[str, str], variant: str,
-                  seeds: list[int]) -> dict[int, dict[str, Any]]:
-    """The record of each seed for one cell."""
+def _runs_by_seed(students: list[RunRecord], pair: tuple[str, str], variant: str,
+                  seeds: list[int]) -> dict[int, RunRecord]:
+    """The record of each seed for one cell (run ids are unique per seed within a plan)."""
     t_model, s_model = pair
-
-    def teacher_of(r: dict[str, Any]) -> str | None:
-        return (r.get("teacher") or {}).get("model")
-
-    found = [r for r in students if r.get("variant") == variant and (r.get("student") or {}).get("model") == s_model
-             and r.get("seed") in seeds
-             # The CE baseline needs no teacher: its record may carry none, or its cohort's teacher.
-             and (teacher_of(r) == t_model or (variant == "ce" and teacher_of(r) is None))]
-    if variant == "ce" and any(teacher_of(r) for r in found):
-        found = [r for r in found if teacher_of(r)]
-    grouped: dict[int, list[dict[str, Any]]] = {}
-    for r in found:
-        grouped.setdefault(int(r["seed"]), []).append(r)
-    return {seed: _pick(rs) for seed, rs in sorted(grouped.items())}
+    found = [r for r in students if r.variant == variant and r.model == s_model and r.seed in seeds
+             and r.teacher.model == t_model]
+    return {r.seed: r for r in sorted(found, key=lambda r: r.seed)}
 
 
-def _failure(rec: dict[str, Any], metric: str, teacher: str | None, student: str, variant: str) -> Failure:
-    error = rec.get("error") if rec.get("status") != "ok" else f"the run recorded no {metric}-epoch metrics"
-    return Failure(teacher, student, variant, rec.get("seed"), str(rec.get("run_id", "?")), _one_line(error))
+def _failure(rec: RunRecord | TeacherRecord, metric: str, teacher: str | None, student: str,
+             variant: str) -> Failure:
+    error = rec.error if rec.status != "ok" else f"the run recorded no {metric}-epoch metrics"
+    return Failure(teacher, student, variant, rec.seed, rec.run_id, _one_line(error))
 
 
-def _cell(runs: dict[int, dict[str, Any]], pair: tuple[str, str], variant: str, seeds: list[int], metric: str,
+def _cell(runs: dict[int, RunRecord], pair: tuple[str, str], variant: str, seeds: list[int], metric: str,
           failures: list[Failure]) -> Cell:
     vals: dict[int, float] = {}
     failed: list[int] = []
     for seed, r in runs.items():
-        top1 = _top1(r, metric) if r.get("status") == "ok" else None
+        top1 = _top1(r, metric) if r.status == "ok" else None
         if top1 is None:
             failed.append(seed)
             failures.append(_failure(r, metric, pair[0], pair[1], variant))
@@ -228,45 +192,35 @@ def _cell(runs: dict[int, dict[str, Any]], pair: tuple[str, str], variant: str, 
             vals[seed] = top1
     missing = [s for s in seeds if s not in runs]
     status = "missing" if not runs else "failed" if not vals else "ok" if not failed and not missing else "partial"
-    method = next((r["method"] for r in runs.values() if r.get("method")), variant.split("(")[0])
-    method_params = next(((r.get("params") or {}).get("method") for r in runs.values()
-                          if (r.get("params") or {}).get("method") is not None), None)
+    method = next((r.method for r in runs.values()), variant.split("(")[0])
+    method_params = next((r.method_params for r in runs.values() if r.method_params is not None), None)
     return Cell(variant, method, Stat(list(vals), list(vals.values())), status, failed, missing,
                 method_params=method_params)
 
 
-def _teacher(teachers: list[dict[str, Any]], pair_records: list[dict[str, Any]], t_model: str, metric: str,
+def _teacher(teachers: list[TeacherRecord], pair_records: list[RunRecord], t_model: str, metric: str,
              planned_key: str | None, failures: list[Failure]) -> tuple[Stat, str, int | None]:
-    """(accuracy, status, params) of the teacher(s) this pair's students distilled from."""
-    keys = {(r.get("teacher") or {}).get("key") for r in pair_records if (r.get("teacher") or {}).get("model") == t_model}
-    keys.discard(None)
-    if not keys and planned_key:
-        keys = {planned_key}
-    runs = [r for r in teachers if _teacher_identity(r)[0] == t_model]
-    if keys:
-        runs = [r for r in runs if _teacher_identity(r)[1] in keys]
+    """(accuracy, status, params) of the teacher(s) this pair's students distilled from.
+
+    The teacher records decide; without one (its file was damaged and set aside, say) the students'
+    ``teacher`` blocks supply the numbers."""
+    keys = {r.teacher.key for r in pair_records} or ({planned_key} if planned_key else set())
+    runs = [r for r in teachers if r.model == t_model and (not keys or r.key in keys)]
     vals: list[float] = []
     params = None
     failed = False
     for r in runs:
-        params = params or (r.get("params") or {}).get("student") or (r.get("student") or {}).get("params")
-        if r.get("status") != "ok":
+        params = params or r.params
+        if r.status != "ok":
             failed = True
             failures.append(_failure(r, metric, None, t_model, "teacher"))
         elif _top1(r, metric) is not None:  # a user checkpoint may carry no best-epoch number
             vals.append(_top1(r, metric))
-    blocks: dict[Any, dict[str, Any]] = {}
-    for r in pair_records:
-        block = r.get("teacher") or {}
-        if block.get("model") == t_model:
-            blocks.setdefault(block.get("key"), block)
-    pair_blocks = list(blocks.values())
+    refs = list({r.teacher.key: r.teacher for r in pair_records}.values())
     if not runs:
-        # No teacher run in the store: the student records carry the teacher's numbers.
-        name = "top1" if metric == "last" else "best_top1"
-        vals = [float(b[name]) for b in pair_blocks if b.get(name) is not None]
+        vals = [v for v in ((b.top1 if metric == "last" else b.best_top1) for b in refs) if v is not None]
     if params is None:
-        params = next((b["params"] for b in pair_blocks if b.get("params") is not None), None)
+        params = next((b.params for b in refs if b.params is not None), None)
     status = "ok" if vals else "failed" if failed else "missing"
     return Stat(list(range(len(vals))), vals), status, params
 
@@ -289,14 +243,13 @@ def _apply_reference(row: Row, published: dict[str, Any], ref_metric: str) -> No
             row.teacher_reference_diff = row.teacher_reference_ours - theirs
 
 
-def summarize(records: list[dict[str, Any]], bench: dict[str, Any], metric: str = "last") -> Summary:
+def summarize(records: list[Record], bench: BenchRecord, metric: str = "last") -> Summary:
     """Aggregate run records into the benchmark table (see the module docstring for the layout)."""
     if metric not in METRICS:
         raise KDZooError(f"Unknown accuracy '{metric}' for the report. Use 'last' (last-epoch top-1) or 'best' (best-epoch top-1).")
-    _check_bench(bench)
-    columns = [str(c) for c in bench["columns"]]
-    pairs = [(str(t), str(s)) for t, s in bench["pairs"]]
-    ref = bench.get("reference") or None
+    columns = list(bench.columns)
+    pairs = [(t, s) for t, s in bench.pairs]
+    ref = bench.reference
     ref_metric = ref.get("metric", "top1") if ref is not None else None
     if ref is not None and ref_metric not in REFERENCE_METRICS:
         raise KDZooError(
@@ -304,20 +257,12 @@ def summarize(records: list[dict[str, Any]], bench: dict[str, Any], metric: str 
         )
     ref_rows = {(str(r["teacher"]), str(r["student"])): r.get("values") or {} for r in (ref or {}).get("rows", [])}
 
-    students = [r for r in records if r.get("kind") == "student"]
-    teachers = [r for r in records if r.get("kind") == "teacher"]
-    if bench.get("run_ids") is not None:
-        # A folder rerun with an edited YAML keeps the old records; show only the current plan's.
-        planned = set(bench["run_ids"])
-        students = [r for r in students if r.get("run_id") in planned]
-    if bench.get("teachers"):
-        current = {f"teacher-{key}" for key in bench["teachers"].values()}
-        teachers = [r for r in teachers if r.get("run_id") in current]
-    if bench.get("seeds") is not None:
-        seeds = [int(s) for s in bench["seeds"]]
-    else:
-        seeds = sorted({int(r["seed"]) for r in students if r.get("variant") in columns and
-                        ((r.get("teacher") or {}).get("model"), r["student"]["model"]) in set(pairs)})
+    # A folder rerun with an edited YAML keeps the old records; show only the current plan's.
+    planned = set(bench.run_ids)
+    current_teachers = {f"teacher-{key}" for key in bench.teachers.values()}
+    students = [r for r in records if isinstance(r, RunRecord) and r.run_id in planned]
+    teachers = [r for r in records if isinstance(r, TeacherRecord) and r.run_id in current_teachers]
+    seeds = list(bench.seeds)
 
     failures: list[Failure] = []
     rows: list[Row] = []
@@ -338,21 +283,20 @@ def summarize(records: list[dict[str, Any]], bench: dict[str, Any], metric: str 
                 c.best = c.stat.mean == top
 
         pair_records = [r for runs in by_variant.values() for r in runs.values()]
-        student_params = next((r["student"]["params"] for r in pair_records
-                               if (r.get("student") or {}).get("params") is not None), None)
-        planned = (bench.get("teachers") or {}).get(pair[0])
-        t_stat, t_status, t_params = _teacher(teachers, pair_records, pair[0], metric, planned, failures)
+        student_params = next((r.params for r in pair_records if r.params is not None), None)
+        t_stat, t_status, t_params = _teacher(teachers, pair_records, pair[0], metric, bench.teachers.get(pair[0]),
+                                              failures)
         row = Row(pair[0], pair[1], t_stat, t_status, t_params, student_params, cells)
         if ref_rows.get(pair):
             _apply_reference(row, ref_rows[pair], ref_metric)
         rows.append(row)
 
-    # A run shared by two pairs (a teacher, a teacher-less ce baseline) is listed once.
+    # A teacher shared by two pairs is listed once.
     seen: set[str] = set()
     failures = [f for f in failures if not (f.run_id in seen or seen.add(f.run_id))]
     return Summary(
-        name=str(bench.get("name", "benchmark")), description=str(bench.get("description", "")),
-        budget=str(bench.get("budget", "")), metric=metric, seeds=seeds, columns=columns, rows=rows,
+        name=bench.name, description=bench.description, budget=bench.budget, metric=metric, seeds=seeds,
+        columns=columns, rows=rows,
         failures=failures, reference_source=(str(ref.get("source", "")) if ref is not None else None),
         reference_metric=ref_metric,
     )

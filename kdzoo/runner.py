@@ -3,7 +3,6 @@ students, teachers and methods from names, one run end to end, and its files on 
 from __future__ import annotations
 
 import dataclasses
-import json
 import platform
 from pathlib import Path
 from typing import Any
@@ -13,13 +12,14 @@ import yaml
 
 import kdzoo
 from kdzoo import KDZooError
-from kdzoo.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from kdzoo.checkpoint import atomic_write, ensure_writable_dir, load_checkpoint, save_checkpoint
 from kdzoo.config import DataConfig, RunConfig
-from kdzoo.data import CifarData, prepare_data
-from kdzoo.engine import Member, Progress, Trainer, resolve_device
+from kdzoo.data import CifarData, prepare_data, train_batch_sizes, train_set_size
+from kdzoo.engine import Member, Progress, Trainer, preflight, resolve_device
 from kdzoo.methods import Method
 from kdzoo.models import KDNet, NetInfo
 from kdzoo.plugins import Registry
+from kdzoo.store import write_json
 
 NUM_CLASSES = 10
 
@@ -103,6 +103,7 @@ def save_run_checkpoint(path: str | Path, model: str, options: dict[str, Any], s
 def run_single(cfg: RunConfig, registry: Registry, progress: Progress | None = None) -> dict[str, Any]:
     """Train (method ``ce``, no teacher) or distil one student; write checkpoint + metrics under ``cfg.out``."""
     cfg.recipe.validate()
+    out = ensure_writable_dir(cfg.out, "--out")
     device = resolve_device(cfg.device)
     method_cls = registry.method(cfg.method)
     teacher, teacher_meta = (None, None)
@@ -112,13 +113,15 @@ def run_single(cfg: RunConfig, registry: Registry, progress: Progress | None = N
         teacher, teacher_meta = load_teacher(registry, cfg.teacher)
     student = build_student(registry, cfg.model, cfg.model_options, cfg.seed)
     method = build_method(registry, cfg.method, cfg.hparams, student.info, teacher.info if teacher else None, cfg.seed)
+    # Before loading data or training: can this student and method train at the batch sizes the run will see?
+    preflight(student, method, teacher, train_batch_sizes(train_set_size(cfg.data.train_size, cfg.data.val_size),
+                                                          cfg.recipe.batch_size), model=cfg.model)
     data = load_data(cfg.data, device)
     member = Member(label=f"{cfg.model}/{cfg.method}", student=student, method=method,
                     origin=registry.describe_origin(cfg.method))
     trainer = Trainer([member], data, cfg.recipe, teacher=teacher, seed=cfg.seed, device=device, progress=progress)
     (result,) = trainer.fit()
 
-    out = Path(cfg.out)
     result.update(
         model=cfg.model,
         teacher=({"checkpoint": str(cfg.teacher), "model": teacher_meta["model"], "top1": teacher_meta["meta"].get("top1")}
@@ -129,7 +132,7 @@ def run_single(cfg: RunConfig, registry: Registry, progress: Progress | None = N
     )
     if result["status"] == "ok":
         save_run_checkpoint(out / "checkpoint.pt", cfg.model, cfg.model_options, student, method, result, data, cfg.seed)
-    atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
+    write_json(out / "metrics.json", result)
     atomic_write(out / "config.yaml", lambda tmp: Path(tmp).write_text(yaml.safe_dump(result["config"], sort_keys=False)))
     return result
 

@@ -99,7 +99,7 @@ TESTS = Template('''\
 """$cls against the kdzoo contract, and its loss against a hand computation.
 
 The fixtures kdzoo_check_method and kdzoo_registry come from kdzoo's pytest plugin
-(kdzoo.testing), which pytest loads automatically when kdzoo is installed.
+(kdzoo.pytest_plugin), which pytest loads automatically when kdzoo is installed.
 """
 import pytest
 import torch

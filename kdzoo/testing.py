@@ -11,9 +11,10 @@ Every check runs on tiny random tensors on the CPU (and on CUDA when there is on
     def test_my_backbone_follows_the_contract():
         check_model(my_factory)              # or a registered name: check_model("resnet20")
 
-This module is also a pytest plugin (entry point ``pytest11``), so installing kdzoo gives
-every test suite the fixtures ``kdzoo_registry``, ``kdzoo_check_method``,
-``kdzoo_check_model`` and ``kdzoo_netinfo_pairs``. The individual checks are public too, for
+Installing kdzoo gives every test suite the fixtures ``kdzoo_registry``, ``kdzoo_check_method``,
+``kdzoo_check_model`` and ``kdzoo_netinfo_pairs``, from the pytest plugin :mod:`kdzoo.pytest_plugin`
+(entry point ``pytest11``, name ``kdzoo``), which imports this module only when a test uses one: a
+pytest run that uses none never imports torch. The individual checks are public too, for
 an author who needs only some of them (``check_declaration``, ``check_hparams``,
 ``check_terms``, ``check_gradients``, ``check_state_dict``, ``check_determinism``,
 ``check_dtypes_and_devices``; ``check_feature_info``, ``check_kdnet``, ``check_model_backward``).
@@ -51,11 +52,13 @@ def _isolated(fn: Callable) -> Callable:
     one intra-op thread, the fastest for tiny tensors and immune to a busy machine (two threads
     spinning on a shared 2-core box made a 1-second check take a minute); and with denormals
     flushed to zero (an untrained deep net in eval mode produces them, and they are slow on CPUs).
-    Everything is restored afterwards."""
+    Everything is restored afterwards, the CUDA generators too where there is a GPU (``manual_seed``
+    seeds them, and checks on ``cuda`` draw from them)."""
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         with contextlib.ExitStack() as stack:
-            stack.enter_context(torch.random.fork_rng(devices=[]))
+            cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+            stack.enter_context(torch.random.fork_rng(devices=cuda))
             stack.callback(torch.set_num_threads, torch.get_num_threads())
             torch.set_num_threads(1)
             if torch.set_flush_denormal(True):
@@ -206,8 +209,8 @@ def _cases(cls: type[Method], pairs: Pairs | None, hparams: dict[str, Any]) -> l
 
 def check_declaration(cls: type[Method]) -> None:
     """Class attributes: a name, boolean needs_*, and ``defaults`` holding every hyperparameter
-    (``w_ce`` included, loss weights named ``w_*`` and numeric, no ambiguous ``alpha``/``beta``,
-    values YAML can express)."""
+    (``w_ce`` included, loss weights named ``w_*``, finite and ``>= 0`` unless declared in
+    ``signed_weights``, no ambiguous ``alpha``/``beta``, values YAML can express)."""
     who = f"method class {getattr(cls, '__qualname__', cls)!r}"
 
     def fail(problem: str, fix: str) -> ContractError:
@@ -226,6 +229,12 @@ def check_declaration(cls: type[Method]) -> None:
         raise fail(f"defaults = {defaults!r} has no 'w_ce'",
                    "declare every hyperparameter with its published default, the CE weight included: "
                    "defaults = {'w_ce': 1.0, 'w_kd': 0.9, 'T': 4.0}.")
+    signed = cls.signed_weights
+    if not isinstance(signed, (set, frozenset)) or not all(
+            isinstance(k, str) and k.startswith("w_") and k in defaults for k in signed):
+        raise fail(f"signed_weights = {signed!r} is not a set of loss-weight names from defaults",
+                   "declare the w_* weights that may be negative, e.g. signed_weights = frozenset({'w_kd'}), "
+                   "or leave the default frozenset().")
     for key, value in defaults.items():
         if not isinstance(key, str) or not key.isidentifier():
             raise fail(f"hyperparameter name {key!r} is not an identifier", "use names like w_kd or T.")
@@ -233,8 +242,12 @@ def check_declaration(cls: type[Method]) -> None:
             raise fail(f"hyperparameter {key!r} is ambiguous: papers use it for different loss weights",
                        "name loss weights after their term (w_ce, w_kd, w_tckd, ...); see docs/writing-plugins.md.")
         if key.startswith("w_") and not (isinstance(value, (int, float)) and not isinstance(value, bool)
-                                         and math.isfinite(value) and value >= 0):
-            raise fail(f"loss weight {key} = {value!r} is not a finite number >= 0", f"set {key} to a float, e.g. 1.0.")
+                                         and math.isfinite(value) and (value >= 0 or key in signed)):
+            raise fail(f"loss weight {key} = {value!r} is not a finite number >= 0",
+                       f"set {key} to a float, e.g. 1.0; a method whose definition needs a negative {key} "
+                       f"declares it: signed_weights = frozenset({{{key!r}}}).")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise fail(f"default {key} = {value!r} is not finite", f"give {key} its published, finite default.")
         try:
             same = yaml.safe_load(yaml.safe_dump(value))
         except yaml.YAMLError:
@@ -253,7 +266,8 @@ def _yaml_text(value: Any) -> str:
 
 def _check_hparams(case: _Case) -> None:
     """Defaults are applied as attributes; each can be overridden from YAML (``--set k=v`` and a
-    config mapping); unknown names are refused with ``KDZooError``; ``w_X`` scales term ``X``."""
+    config mapping); unknown names and negative loss weights (unless in ``signed_weights``) are
+    refused with ``KDZooError``; ``w_X`` scales term ``X``."""
     cls = case.cls
     method = case.build()
     expected = {**cls.defaults, **case.hparams}
@@ -288,6 +302,19 @@ def _check_hparams(case: _Case) -> None:
     else:
         raise case.fail("an unknown hyperparameter was accepted silently",
                         "pass **hparams to super().__init__ instead of swallowing them.")
+    for key, value in expected.items():  # loss weights are >= 0 unless declared signed
+        if not key.startswith("w_") or key in cls.signed_weights or isinstance(value, bool):
+            continue
+        try:
+            cls(case.student, case.teacher, **{**case.hparams, key: type(value)(-1)})
+        except KDZooError:
+            continue
+        except Exception as e:
+            raise case.fail(f"a negative {key} raised {type(e).__name__}, not KDZooError",
+                            "pass **hparams to super().__init__, which refuses negative loss weights.") from e
+        raise case.fail(f"{key}=-1 was accepted, but {key} is not in signed_weights",
+                        "pass **hparams to super().__init__ unchanged (it refuses negative weights), or declare "
+                        f"signed_weights = frozenset({{{key!r}}}) if the method's definition needs a negative {key}.")
     s, t, y = case.inputs()
     base = case.call(method, s, t, y, what="with its defaults")
     for term in base:
@@ -306,11 +333,23 @@ def _check_hparams(case: _Case) -> None:
 
 
 def _check_terms(case: _Case) -> None:
-    """A non-empty dict of finite, floating, scalar tensors with ``"ce"``, at the first and last epoch."""
+    """A non-empty dict of finite, floating, scalar tensors with ``"ce"``, at the first and last epoch;
+    the ``validate_batch_size`` hook accepts ``BATCH`` and raises nothing but ``KDZooError``."""
     for epoch in (0, EPOCHS - 1):
         method = case.build(epoch=epoch)
         method.train()
         case.call(method, *case.inputs(), what=f"at epoch {epoch} of {EPOCHS}")
+    method = case.build()
+    for size in (1, 2, BATCH):  # validation calls the hook before training; it may refuse only with KDZooError
+        try:
+            method.validate_batch_size(size)
+        except KDZooError as e:
+            if size == BATCH:
+                raise case.fail(f"validate_batch_size({BATCH}) refused the batch size the checks use: {e}",
+                                f"accept batches of {BATCH}; refuse only sizes the method cannot learn from.") from e
+        except Exception as e:
+            raise case.fail(f"validate_batch_size({size}) raised {type(e).__name__}: {e}",
+                            "raise KDZooError saying which batch sizes work, or return None to accept the size.") from e
 
 
 def _check_gradients(case: _Case) -> None:
@@ -439,15 +478,17 @@ Pairs = Mapping[str, tuple[NetInfo, NetInfo]]
 @_isolated
 def check_hparams(method_cls: type[Method], *, pairs: Pairs | None = None, **hparams: Any) -> None:
     """Defaults are applied as attributes; each can be overridden from YAML (``--set k=v`` and a
-    config mapping); unknown names are refused with ``KDZooError``; every term ``X`` has a weight
-    ``w_X`` that scales it linearly. Checked on the first pair."""
+    config mapping); unknown names and negative loss weights (unless declared in ``signed_weights``)
+    are refused with ``KDZooError``; every term ``X`` has a weight ``w_X`` that scales it linearly.
+    Checked on the first pair."""
     _check_hparams(_cases(method_cls, pairs, hparams)[0])
 
 
 @_isolated
 def check_terms(method_cls: type[Method], *, pairs: Pairs | None = None, **hparams: Any) -> None:
     """For every pair, at the first and last epoch: a non-empty dict of finite, floating, scalar
-    tensors that includes ``"ce"``."""
+    tensors that includes ``"ce"``; ``validate_batch_size`` accepts the checks' batch size and refuses
+    others only with ``KDZooError``."""
     for case in _cases(method_cls, pairs, hparams):
         _check_terms(case)
 
@@ -524,6 +565,13 @@ def check_registered(method_cls: type[Method], registry: Any = None) -> None:
 
 
 # --------------------------------------------------------------------------- model checks
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s parameters (else buffers) are; the CPU for a module without either."""
+    t = next(model.parameters(), None)
+    t = t if t is not None else next(model.buffers(), None)
+    return t.device if t is not None else torch.device("cpu")
 
 
 def _model_fail(who: str, problem: str, fix: str) -> ContractError:
@@ -607,7 +655,7 @@ def check_kdnet(model: nn.Module, input_size: tuple[int, int] = (32, 32), who: s
     if any(b[0] > a[0] or b[1] > a[1] for a, b in zip(sizes, sizes[1:])):
         raise _model_fail(who, f"stage sizes {sizes} grow from input to output", "order stages from input to output.")
     net.eval()
-    x = torch.randn(3, 3, *input_size, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(3, 3, *input_size, generator=torch.Generator().manual_seed(1)).to(_model_device(model))
     with torch.no_grad():
         out = net(x, features=True, embedding=info.embed_dim > 0)
         plain = model(x)
@@ -631,7 +679,8 @@ def check_model_backward(model: nn.Module, input_size: tuple[int, int] = (32, 32
     who = who or type(model).__name__
     model.train()
     model.zero_grad(set_to_none=True)
-    model(torch.randn(2, 3, *input_size, generator=torch.Generator().manual_seed(2))).mean().backward()
+    x = torch.randn(2, 3, *input_size, generator=torch.Generator().manual_seed(2)).to(_model_device(model))
+    model(x).float().mean().backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     if missing:
         raise _model_fail(who, f"parameters {missing[:5]}{'...' if len(missing) > 5 else ''} get no gradient",
@@ -643,13 +692,18 @@ def check_model_backward(model: nn.Module, input_size: tuple[int, int] = (32, 32
 
 @_isolated
 def check_model(factory_or_name: str | Callable[..., nn.Module], *, registry: Any = None,
-                input_size: tuple[int, int] = (32, 32), **factory_kwargs: Any) -> NetInfo:
+                input_size: tuple[int, int] = (32, 32), devices: Iterable[str] | None = None,
+                **factory_kwargs: Any) -> NetInfo:
     """Run every model check on a factory (or a registered name); return the NetInfo it measured.
 
     The factory takes ``num_classes`` (checked with 10 and 7) and ``factory_kwargs``. A timm-style
     model (``forward_intermediates``, ``forward_head``, ``feature_info``) is also checked against
-    timm's feature contract.
+    timm's feature contract. The wrapper and backward checks run on every device of ``devices``
+    (default: cpu, and cuda when available), the model moved there with ``.to(device)``.
     """
+    devices = list(devices) if devices is not None else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    if not devices:
+        raise ValueError("devices must name at least one device")
     who, factory = _resolve(factory_or_name, registry)
     torch.manual_seed(0)
     try:
@@ -666,38 +720,13 @@ def check_model(factory_or_name: str | Callable[..., nn.Module], *, registry: An
         raise _model_fail(who, f"the factory returned {type(model).__name__}", "return an nn.Module.")
     if all(hasattr(model, a) for a in ("forward_intermediates", "forward_head", "feature_info")):
         check_feature_info(model, input_size, who)
-    info = check_kdnet(model, input_size, who)
-    check_model_backward(model, input_size, who)
-    return info
+    infos = []
+    for device in devices:
+        model.to(device)
+        infos.append(check_kdnet(model, input_size, f"{who} on {device}" if device != "cpu" else who))
+        check_model_backward(model, input_size, f"{who} on {device}" if device != "cpu" else who)
+    if any(i != infos[0] for i in infos):
+        raise _model_fail(who, f"the wrapper measured other stages on {devices}: {infos}",
+                          "build the same stages whatever the device.")
+    return infos[0]
 
-
-# --------------------------------------------------------------------------- pytest plugin (entry point pytest11)
-
-try:
-    import pytest
-except ImportError:  # pragma: no cover  (kdzoo.testing is importable without pytest)
-    pytest = None
-
-if pytest is not None:
-
-    @pytest.fixture(scope="session")
-    def kdzoo_registry():
-        """The plugins installed in this environment, loaded once per session (``kdzoo.plugins.load_plugins()``)."""
-        from kdzoo.plugins import load_plugins
-
-        return load_plugins()
-
-    @pytest.fixture
-    def kdzoo_check_method():
-        """:func:`check_method`: ``kdzoo_check_method(MyMethod, **hparam_overrides)``."""
-        return check_method
-
-    @pytest.fixture
-    def kdzoo_check_model(kdzoo_registry):
-        """:func:`check_model` resolving names in ``kdzoo_registry``: ``kdzoo_check_model("resnet20")``."""
-        return lambda factory_or_name, **kw: check_model(factory_or_name, registry=kdzoo_registry, **kw)
-
-    @pytest.fixture
-    def kdzoo_netinfo_pairs():
-        """:data:`NETINFO_PAIRS`: name -> (student NetInfo, teacher NetInfo)."""
-        return dict(NETINFO_PAIRS)

@@ -11,6 +11,17 @@ import pytest
 import torch
 
 
+SLOW_FIXTURES = {"cifar_path", "install_package"}  # real CIFAR-10 training, or a pip install in a subprocess
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that trains on real data or installs a package as ``slow``: ``pytest -m "not slow"``
+    is the contributors' fast lane, CI runs everything."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def cifar_path() -> str:
     """Path of the real CIFAR-10 array file, from env KDZOO_DATA.

@@ -1,6 +1,7 @@
 """The benchmark runner: plan expansion, validation, teacher cache, failure isolation, kill -9 and resume."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -41,9 +42,14 @@ def strip_timing(obj):
     return obj
 
 
+@functools.cache
+def _registry():
+    return load_plugins(strict=True)
+
+
 @pytest.fixture(scope="module")
 def registry():
-    return load_plugins(strict=True)
+    return _registry()
 
 
 @pytest.fixture
@@ -52,8 +58,8 @@ def cache(tmp_path, monkeypatch):
     return tmp_path / "cache"
 
 
-def plan_of(mapping, fingerprint="fp0"):
-    return B.expand(parse(BenchConfig, mapping), fingerprint)
+def plan_of(mapping, fingerprint="fp0", registry=None):
+    return B.expand(parse(BenchConfig, mapping), fingerprint, registry or _registry())
 
 
 # -- plan ----------------------------------------------------------------------------------------
@@ -138,25 +144,25 @@ def test_failed_run_is_recorded_and_the_rest_continue(cifar_path, cache, tmp_pat
     plan, data, device = B.prepare(cfg, registry)
     store = Store(tmp_path / "out")
     outcome = B.run_plan(plan, data, registry, store, device)
-    runs = {r["variant"]: r for r in store.runs() if r["kind"] == "student"}
-    assert runs["flaky"]["status"] == "failed" and "flaky plugin gave up" in runs["flaky"]["error"]
-    assert "plugin 'flaky-plugin'" in runs["flaky"]["error"] and runs["flaky"]["epochs_done"] == 1
-    assert runs["kd"]["status"] == runs["ce"]["status"] == "ok" and runs["kd"]["epochs_done"] == 2
-    assert [f["variant"] for f in outcome["failed"]] == ["flaky"]
+    runs = {r.variant: r for r in store.runs() if r.kind == "student"}
+    assert runs["flaky"].status == "failed" and "flaky plugin gave up" in runs["flaky"].error
+    assert "plugin 'flaky-plugin'" in runs["flaky"].error and runs["flaky"].epochs_done == 1
+    assert runs["kd"].status == runs["ce"].status == "ok" and runs["kd"].epochs_done == 2
+    assert [f.variant for f in outcome.failed] == ["flaky"]
     # the teacher is cached: a second benchmark reuses it without training
     teacher_ckpt = B.TeacherJob.checkpoint_path.fget(plan.teachers[0])
     mtime = teacher_ckpt.stat().st_mtime_ns
     events = []
     other = Store(tmp_path / "out2")
-    record = B.ensure_teacher(plan.teachers[0], plan, data, registry, other, device, B.Progress(),
-                              lambda e, d: events.append((e, d)))
+    ctx = B.Context(plan, data, registry, other, device, B.Progress(), lambda e, d: events.append((e, d)))
+    record = B.ensure_teacher(plan.teachers[0], ctx)
     assert events == [("teacher", f"resnet20: cached ({plan.teachers[0].dir})")]
-    assert other.has_run(record["run_id"]) and record["last"]["top1"] > 0
+    assert other.has_run(record.run_id) and record.last.top1 > 0
     assert teacher_ckpt.stat().st_mtime_ns == mtime
     # and rerunning in the same folder trains nothing
     events.clear()
     again = B.run_plan(plan, data, registry, store, device, say=lambda e, d: events.append((e, d)))
-    assert again["trained"] == 0 and again["skipped"] == 3 and not [e for e in events if e[0] == "cohort"]
+    assert again.trained == 0 and again.skipped == 3 and not [e for e in events if e[0] == "cohort"]
 
 
 # -- kill -9 and resume ---------------------------------------------------------------------------
@@ -227,7 +233,7 @@ def test_kill_9_and_resume_equals_uninterrupted(uninterrupted, tmp_path, point):
 def test_shipped_benchmarks_are_valid(registry, path):
     from kdzoo.config import read_yaml
 
-    plan = B.expand(parse(BenchConfig, read_yaml(path)), "fp")
+    plan = B.expand(parse(BenchConfig, read_yaml(path)), "fp", registry)
     assert plan.variants[0].label == "ce" and len(plan.bench.seeds) >= 2
     B.validate(plan, registry)
     if plan.bench.reference:
@@ -271,14 +277,135 @@ def test_checkpoint_teacher_must_match_its_model(registry, tmp_path):
 def test_bench_with_a_checkpoint_teacher(uninterrupted, registry, tmp_path):
     cfg, env, reference = uninterrupted
     (ckpt,) = Path(env["KDZOO_CACHE"]).glob("teachers/*/checkpoint.pt")
-    teacher_top1 = next(r for r in reference.values() if r["kind"] == "teacher")["last"]["top1"]
+    teacher_top1 = next(r for r in reference.values() if r["schema"] == "kdzoo.teacher/1")["last"]["top1"]
     path = tmp_path / "b.yaml"
     path.write_text(yaml.safe_dump({**TINY, "teachers": [{"model": "resnet20", "checkpoint": str(ckpt)}],
                                     "methods": ["kd"], "recipe": {**TINY["recipe"], "epochs": 1}}))
     plan, data, device = B.prepare(path, registry)
     store = Store(tmp_path / "out")
     outcome = B.run_plan(plan, data, registry, store, device)
-    assert outcome["failed"] == [] and outcome["trained"] == 2
-    records = {r["variant"]: r for r in store.runs()}
-    assert records["teacher"]["source"] == "checkpoint" and records["teacher"]["last"]["top1"] == teacher_top1
-    assert records["kd"]["teacher"]["top1"] == teacher_top1 and records["kd"]["status"] == "ok"
+    assert outcome.failed == [] and outcome.trained == 2
+    records = {r.kind if r.kind == "teacher" else r.variant: r for r in store.runs()}
+    assert records["teacher"].source == "checkpoint" and records["teacher"].last.top1 == teacher_top1
+    assert records["kd"].teacher.top1 == teacher_top1 and records["kd"].status == "ok"
+
+
+# -- trust: stale keys and damaged records ------------------------------------------------------
+def test_run_ids_change_with_plugin_versions_and_checkpoint_bytes(tmp_path):
+    from kdzoo.checkpoint import save_checkpoint
+
+    def ids(registry):
+        plan = plan_of(TINY, registry=registry)
+        return plan.teachers[0].key, {r.variant.label: r.run_id for r in plan.runs}
+
+    key, base = ids(load_plugins(strict=True))
+    upgraded = load_plugins(strict=True)
+    upgraded.plugin(upgraded.owner[("method", "kd")]).version = "99.0"
+    key2, after = ids(upgraded)
+    assert key2 == key and after["kd"] != base["kd"] and after["ce"] == base["ce"]
+    assert after["attention"] == base["attention"]  # another plugin: unchanged
+    new_nets = load_plugins(strict=True)
+    new_nets.plugin(new_nets.owner[("model", "resnet20")]).version = "99.0"
+    key3, after = ids(new_nets)
+    assert key3 != key and not set(after.values()) & set(base.values())
+
+    ckpt = tmp_path / "t.pt"
+    save_checkpoint(ckpt, {"model": "resnet20", "model_options": {}, "num_classes": 10, "state_dict": {}})
+    with_ckpt = {**TINY, "teachers": [{"model": "resnet20", "checkpoint": str(ckpt)}]}
+    first = plan_of(with_ckpt)
+    save_checkpoint(ckpt, {"model": "resnet20", "model_options": {}, "num_classes": 10, "state_dict": {},
+                           "meta": {"top1": 1.0}})  # the same path, overwritten
+    second = plan_of(with_ckpt)
+    assert first.teachers[0].key != second.teachers[0].key
+    assert {r.run_id for r in first.runs}.isdisjoint(r.run_id for r in second.runs)
+    assert len(second.teachers[0].provenance["checkpoint_sha256"]) == 64
+    with pytest.raises(KDZooError, match=r"teachers\[0\].checkpoint: .* does not exist"):
+        plan_of({**TINY, "teachers": [{"model": "resnet20", "checkpoint": str(tmp_path / "nope.pt")}]})
+
+
+DAMAGES = {"random bytes": bytes(range(256)), "a JSON list": b"[1, 2, 3]", "a partial record": b'{"status": "ok"}'}
+
+
+@pytest.mark.parametrize("kind", list(DAMAGES))
+def test_a_damaged_record_is_set_aside_and_redone(uninterrupted, tmp_path, kind):
+    import shutil
+
+    cfg, env, reference = uninterrupted
+    out = tmp_path / "out"
+    shutil.copytree(cfg.parent / "ref", out)
+    victim = sorted(_students(out))[0]
+    victim.write_bytes(DAMAGES[kind])
+    proc = subprocess.run(_bench_cmd(cfg, out), env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    squash = lambda text: "".join(text.split())  # noqa: E731  (rich wraps long lines)
+    assert squash(f"{victim.name} is not a valid kdzoo record") in squash(proc.stderr)
+    assert squash("1 to train") in squash(proc.stdout)
+    assert _store_snapshot(out) == reference  # redone, bit-identical
+    (kept,) = (out / "damaged").iterdir()
+    assert kept.name.startswith(victim.name) and kept.read_bytes() == DAMAGES[kind]
+
+
+def test_unwritable_bench_output_is_refused_before_training(cifar_path, tmp_path):
+    cfg = tmp_path / "b.yaml"
+    cfg.write_text(yaml.safe_dump(TINY))
+    (tmp_path / "file").write_text("x")
+    env = {**os.environ, "KDZOO_CACHE": str(tmp_path / "cache"), "KDZOO_DATA": cifar_path}
+    for out in (tmp_path / "file", tmp_path / "file" / "below"):
+        proc = subprocess.run(_bench_cmd(cfg, out), env=env, capture_output=True, text=True)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        text = " ".join(proc.stderr.split())
+        assert "cannot be used" in text and "nothing has been trained yet" in text
+    assert not (tmp_path / "cache").exists()
+
+
+# -- up-front validation of inputs that used to train silently or fail mid-run ---------------------
+def test_duplicate_seeds_are_refused_naming_both():
+    with pytest.raises(KDZooError, match=r"seeds\[0\] and seeds\[2\] are both 0.*Remove the duplicate"):
+        plan_of({**TINY, "seeds": [0, 1, 0]})
+
+
+@pytest.mark.parametrize("methods, first, second", [
+    (["kd", {"name": "kd", "T": 4.0}], "methods[0] (kd)", "methods[1] (kd(T=4.0))"),  # T=4 is kd's default
+    (["kd", {"name": "kd", "T": [2, 4], "label": "hot"}], "methods[0] (kd)", "methods[1] (hot(T=4))"),
+    ([{"name": "ce", "w_ce": 1}], "the CE baseline (always in the plan)", "methods[0] (ce(w_ce=1))"),
+])
+def test_variants_identical_after_defaults_are_refused(registry, methods, first, second):
+    with pytest.raises(KDZooError) as e:
+        B.validate(plan_of({**TINY, "methods": methods}), registry)
+    assert f"{first} and {second} are the same run" in str(e.value)
+
+
+@pytest.mark.parametrize("change, fragment", [
+    # BatchNorm at a 1x1 feature map cannot train on one image: the model is named, not method 'ce'
+    ({"students": ["resnet18"], "recipe": {**TINY["recipe"], "batch_size": 1}},
+     r"^students \(resnet18, batch_size 1\): Batch size too small for model 'resnet18'.*at least 2"),
+    ({"teachers": ["resnet18"], "teacher_recipe": {"epochs": 2, "batch_size": 1}},
+     r"^teachers\[0\] \(resnet18, batch_size 1\): Batch size too small for model 'resnet18'"),
+    ({"methods": ["rkd"], "recipe": {**TINY["recipe"], "batch_size": 2}},
+     r"^methods\[0\] \(rkd\) with teacher resnet20 → student wrn_16_1: Method 'rkd' cannot learn from batches of 2"),
+    ({"methods": [{"name": "rkd", "angle_max_batch": 32}]},  # the memory guard, before training
+     r"methods\[0\] \(rkd\(angle_max_batch=32\)\).*a batch of 64 exceeds angle_max_batch=32"),
+    ({"methods": [{"name": "kd", "w_kd": -0.5}]}, r"methods\[0\] \(kd\(w_kd=-0.5\)\).*loss weights must be >= 0"),
+    ({"methods": [{"name": "kd", "T": float("nan")}]}, r"Hyperparameter 'T' of method 'kd' must be a finite number"),
+])
+def test_validation_refuses_runs_that_cannot_train(registry, change, fragment):
+    with pytest.raises(KDZooError, match=fragment):
+        B.validate(plan_of({**TINY, **change}), registry)
+
+
+def test_validation_uses_the_smallest_batch_the_data_gives(registry):
+    # 384 images in batches of 64: every batch is full (the engine drops a partial last batch) ...
+    B.validate(plan_of({**TINY, "methods": ["rkd"]}), registry)
+    # ... but a training set no larger than one batch is a single batch of that size
+    big = {**TINY, "methods": ["rkd"], "recipe": {**TINY["recipe"], "batch_size": 1000},
+           "data": {"train_size": 600, "test_size": 200}}
+    with pytest.raises(KDZooError, match="a batch of 600 exceeds angle_max_batch=512"):
+        B.validate(plan_of(big), registry)
+
+
+def test_method_of_a_disabled_plugin_is_named_in_validation():
+    registry = load_plugins(disable=["kd"])
+    with pytest.raises(KDZooError) as e:
+        B.validate(plan_of(TINY, registry=registry), registry)
+    assert "methods[0] (kd)" in str(e.value)
+    assert "Method 'kd' is provided by plugin 'kd' (kdzoo" in str(e.value) and "drop -p no:kd" in str(e.value)

@@ -72,3 +72,40 @@ def test_parse_assignment_reads_yaml_scalars():
     assert parse_assignment("name=abc") == ("name", "abc")
     with pytest.raises(KDZooError, match="KEY=VALUE"):
         parse_assignment("T2")
+
+
+@pytest.mark.parametrize("text, field", [
+    ("recipe: {lr: .nan}", "recipe.lr"),
+    ("recipe: {lr: .inf}", "recipe.lr"),
+    ("recipe: {momentum: -.inf}", "recipe.momentum"),
+    ("recipe: {warmup_epochs: .NaN}", "recipe.warmup_epochs"),
+])
+def test_non_finite_numbers_are_refused_naming_the_field(tmp_path, text, field):
+    path = tmp_path / "run.yaml"
+    path.write_text(f"model: resnet20\n{text}\n")
+    with pytest.raises(KDZooError, match=rf"^{field} must be a finite number, got -?(nan|inf)\."):
+        parse(RunConfig, read_yaml(path))
+
+
+def test_non_finite_cli_number_is_refused_before_training(tmp_path, capsys):
+    from kdzoo.cli import main
+
+    args = ["train", "--model", "resnet20", "--epochs", "1", "--train-size", "20", "--test-size", "10"]
+    assert main(args + ["--lr", "nan", "--out", str(tmp_path / "out")]) == 2
+    assert "recipe.lr must be a finite number, got nan" in capsys.readouterr().err
+    with pytest.raises(KDZooError, match="recipe.gamma must be a finite number"):
+        Recipe(gamma=float("inf")).validate()  # a Recipe built in code is checked too
+
+
+@pytest.mark.parametrize("recipe, fragment", [
+    (Recipe(epochs=5, schedule="multistep", milestones=[3, 1]),
+     r"milestones \[3, 1\] is not in increasing order.*\[1, 3\]"),
+    (Recipe(epochs=5, schedule="multistep", milestones=[1, 1]), r"milestones \[1, 1\] lists epoch 1 more than once"),
+    (Recipe(epochs=5, schedule="multistep", milestones=[2, 4, 2]), r"lists epoch 2 more than once.*\[2, 4\]"),
+    (Recipe(epochs=5, schedule="multistep"),
+     r"recipe.schedule is multistep but recipe.milestones is empty.*schedule: constant"),
+])
+def test_milestones_sorted_unique_and_given_for_multistep(recipe, fragment):
+    with pytest.raises(KDZooError, match=fragment):
+        recipe.validate()
+    Recipe(epochs=5, schedule="multistep", milestones=[1, 3]).validate()

@@ -308,6 +308,30 @@ def test_bad_sizes(cifar_path, kwargs, name):
         prepare_data(cifar_path, **kwargs)
 
 
+@pytest.mark.parametrize("kwargs, name, n, missing", [
+    (dict(train_size=7), "train_size", 7, "7 (horse), 8 (ship), 9 (truck)"),
+    (dict(test_size=9), "test_size", 9, "9 (truck)"),
+    (dict(val_size=1), "val_size", 1, "1 (automobile), 2 (bird)"),
+])
+def test_subset_smaller_than_the_classes_names_the_missing_ones(cifar_path, kwargs, name, n, missing):
+    with pytest.raises(KDZooError) as e:
+        prepare_data(cifar_path, **kwargs)
+    assert str(e.value).startswith(f"{name}={n} is smaller than the 10 classes")
+    assert f"none of classes {missing}" in str(e.value) and f"Use {name} >= 10" in str(e.value)
+    d = prepare_data(cifar_path, train_size=10, test_size=10)  # one image per class is allowed
+    assert sorted(d.train_y.tolist()) == list(range(10)) and sorted(d.test_y.tolist()) == list(range(10))
+
+
+def test_train_batch_sizes_follow_the_engine():
+    assert kdata.train_set_size(None) == 50000 and kdata.train_set_size(None, 5000) == 45000
+    assert kdata.train_set_size(384, 100) == 384
+    for n, batch in ((384, 64), (385, 64), (64, 64), (20, 64), (1, 1)):
+        d = CifarData(torch.zeros(n, 3, 4, 4, dtype=torch.uint8), torch.arange(n) % 10,
+                      torch.zeros(1, 3, 4, 4, dtype=torch.uint8), torch.zeros(1, dtype=torch.long))
+        seen = {len(y) for _, y in d.train_batches(0, 0, batch)}
+        assert seen == set(kdata.train_batch_sizes(n, batch)), (n, batch)
+
+
 # ---------------------------------------------------------------------------------------------
 # Batches: determinism, counts, coverage
 

@@ -16,6 +16,7 @@ import pytest
 import yaml
 from torch import nn
 
+import kdzoo.pytest_plugin
 import kdzoo.testing
 from kdzoo import hookimpl, hookspecs
 from kdzoo.cli import build_parser
@@ -70,15 +71,17 @@ def test_register_callbacks_accept_what_the_guide_says():
 
 def test_the_method_contract_is_documented():
     class_attrs = [n for n, t in Method.__annotations__.items() if "ClassVar" in str(t)]
-    assert class_attrs == ["name", "needs_teacher", "needs_features", "needs_embedding", "defaults", "reference"]
+    assert class_attrs == ["name", "needs_teacher", "needs_features", "needs_embedding", "defaults", "reference",
+                           "signed_weights"]
     for attr in class_attrs:
         assert f"| `{attr}` |" in TEXT, f"class attribute {attr} missing from the table"
     for cls in (NetInfo, Outputs):
         for f in dataclasses.fields(cls):
             assert f"| `{f.name}` |" in TEXT, f"{cls.__name__}.{f.name} missing from its table"
-    for name in ("start_epoch", "forward", "ce"):
+    for name in ("start_epoch", "validate_batch_size", "forward", "ce"):
         assert name in vars(Method)
     assert "### `start_epoch(epoch, num_epochs)`" in TEXT and "### `forward(student, teacher, labels)`" in TEXT
+    assert "### `validate_batch_size(batch_size)`" in TEXT
     assert f"`__init__{inspect.signature(Method.__init__)}`".replace("'", "") in TEXT
     assert f"`forward{inspect.signature(Method.forward)}`".replace("'", "") in TEXT
     for name in _RESERVED - set(dir(nn.Module)):
@@ -100,7 +103,7 @@ def test_every_name_the_guide_mentions_exists():
     fixtures = re.findall(r"^\| `(kdzoo_\w+)` \|", TEXT, re.M)
     assert sorted(fixtures) == ["kdzoo_check_method", "kdzoo_check_model", "kdzoo_netinfo_pairs", "kdzoo_registry"]
     for fixture in fixtures:
-        assert callable(getattr(kdzoo.testing, fixture)), fixture
+        assert callable(getattr(kdzoo.pytest_plugin, fixture)), fixture
     own = re.search(r"kdzoo's own methods \((.*?)\)", TEXT, re.S).group(1)
     builtin = set(re.findall(r"`(\w+)`", own))
     assert builtin == {n for n, o in ((n, registry.owner[("method", n)]) for n in registry.methods)
@@ -155,7 +158,7 @@ def test_worked_example_from_the_guide(tmp_path, install_package, monkeypatch):
     monkeypatch.syspath_prepend(str(pkg.site))
     try:
         registry = load_plugins(strict=True)
-        plan = bench.expand(parse(BenchConfig, yaml.safe_load(files[f"{EXAMPLE}/bench.yaml"])), "fingerprint")
+        plan = bench.expand(parse(BenchConfig, yaml.safe_load(files[f"{EXAMPLE}/bench.yaml"])), "fingerprint", registry)
         assert [v.label for v in plan.variants] == ["ce", "kd", "logit_l2", "logit_l2+ce"]
         bench.validate(plan, registry)
     finally:

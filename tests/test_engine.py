@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -164,8 +165,58 @@ def test_checkpoint_roundtrip_and_bad_files(tmp_path):
         load_checkpoint(tmp_path / "missing.pt")
     evil = tmp_path / "evil.pt"
     torch.save({"format": "kdzoo.checkpoint/1", "x": NotATensor()}, evil)
-    with pytest.raises(KDZooError, match="safe-to-load"):
+    with pytest.raises(KDZooError, match="code or objects that kdzoo will not load: .*NotATensor"):
         load_checkpoint(evil)
+
+
+class Payload:  # unpickling this runs a shell command: kdzoo must refuse it without running it
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_checkpoint_with_a_code_payload_is_refused_naming_it(tmp_path):
+    marker = tmp_path / "payload-ran"
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "kdzoo.checkpoint/1", "model": "resnet20", "x": Payload(marker)}, evil)
+    with pytest.raises(KDZooError) as e:
+        load_checkpoint(evil)
+    msg = str(e.value)
+    assert not marker.exists()  # the payload never ran
+    assert re.search(r"contains code or objects that kdzoo will not load: (posix|nt)\.system \(os\.system\)", msg)
+    assert "weights_only" not in msg and "will likely succeed" not in msg and "add_safe_globals" not in msg
+
+
+def test_preflight_leaves_no_trace_and_names_a_batch_too_small(registry):
+    from kdzoo.engine import preflight
+
+    student = build_student(registry, "resnet18", {}, 0)  # an ImageNet net: 1x1 maps at 32x32
+    method = build_method(registry, "ce", {}, student.info, None, 0)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    rng = torch.get_rng_state()
+    with pytest.raises(KDZooError, match=r"^Batch size too small for model 'resnet18': a training batch of 1 image "
+                                         r"reaches a BatchNorm layer.*at least 2"):
+        preflight(student, method, None, [1], model="resnet18")
+    preflight(student, method, None, [128], model="resnet18")
+    after = student.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BatchNorm statistics restored
+    assert torch.equal(rng, torch.get_rng_state()) and student.training
+    assert all(p.grad is None for p in student.parameters())
+
+
+def test_run_single_refuses_a_batch_too_small_before_loading_data(registry, tmp_path, monkeypatch):
+    from kdzoo.config import RunConfig
+    from kdzoo.runner import run_single
+
+    monkeypatch.setenv("KDZOO_DATA", str(tmp_path / "no-data-needed.npz"))  # the check comes first
+    cfg = RunConfig(model="resnet18", recipe=Recipe(batch_size=1), out=str(tmp_path / "out"))
+    with pytest.raises(KDZooError, match="Batch size too small for model 'resnet18'"):
+        run_single(cfg, registry)
+    assert not (tmp_path / "out" / "metrics.json").exists()
 
 
 def test_validation_split_chooses_the_best_epoch(registry, cifar_path):

@@ -515,3 +515,66 @@ def test_registration_and_declarations(module, cls, name, defaults, needs):
     assert cls.reference
     m = cls(S3, T3)
     assert m.hparams == defaults and all(getattr(m, k) == v for k, v in defaults.items())
+
+
+# --------------------------------------------------------------------------- hyperparameter checks
+
+
+@pytest.mark.parametrize("cls, key", [(kd.KD, "w_kd"), (kd.KD, "w_ce"), (fitnets.FitNets, "w_hint"),
+                                      (rkd.RKD, "w_angle")])
+def test_negative_loss_weights_are_refused(cls, key):
+    with pytest.raises(KDZooError, match=rf"Loss weight '{key}' of method '{cls.name}' is -1, but loss weights "
+                                         rf"must be >= 0.*maximise the '{key[2:]}' term"):
+        cls(S3, T3, **{key: -1})
+    assert cls(S3, T3, **{key: 0.0}).hparams[key] == 0.0  # 0 switches a term off
+
+
+def test_signed_weights_declares_weights_that_may_be_negative():
+    class Contrast(Method):
+        name = "contrast"
+        needs_teacher = False
+        defaults = {"w_ce": 1.0, "w_push": -0.5}
+        signed_weights = frozenset({"w_push"})
+
+    assert Contrast(S3, w_push=-2.0).w_push == -2.0
+    with pytest.raises(KDZooError, match="Loss weight 'w_ce'"):
+        Contrast(S3, w_ce=-1.0)  # only the declared weight may be negative
+
+
+@pytest.mark.parametrize("overrides, key", [({"T": math.inf}, "T"), ({"w_kd": math.nan}, "w_kd"),
+                                            ({"w_ce": -math.inf}, "w_ce")])
+def test_non_finite_hyperparameters_are_refused(overrides, key):
+    with pytest.raises(KDZooError, match=rf"Hyperparameter '{key}' of method 'kd' must be a finite number, "
+                                         r"got -?(inf|nan)"):
+        kd.KD(S3, T3, **overrides)
+
+
+def test_unknown_hyperparameters_are_suggested_by_meaning():
+    for alias in ("temperature", "Temperature", "tau"):
+        with pytest.raises(KDZooError, match=rf"no hyperparameter '{alias}'\. Did you mean 'T'\?"):
+            kd.KD(S3, T3, **{alias: 4})
+    with pytest.raises(KDZooError) as e:
+        kd.KD(S3, T3, alpha=0.1)
+    assert "never uses a bare 'alpha'" in str(e.value) and "w_ce = alpha, w_kd = 1 - alpha" in str(e.value)
+    with pytest.raises(KDZooError, match=r"bare 'beta'.*w_ce, w_hint"):
+        fitnets.FitNets(S3, T3, beta=1.0)
+    with pytest.raises(KDZooError, match="Did you mean 'p'"):
+        attention.Attention(S3, T3, pp=2.0)  # spelling suggestions still work
+
+
+def test_rkd_refuses_batch_sizes_it_cannot_learn_from():
+    method = rkd.RKD(S3, T3)
+    for b in (1, 2):
+        with pytest.raises(KDZooError, match=rf"'rkd' cannot learn from batches of {b} image.*zero.*at least 3"):
+            method.validate_batch_size(b)
+    method.validate_batch_size(3)
+    method.validate_batch_size(512)
+    with pytest.raises(KDZooError, match="a batch of 513 exceeds angle_max_batch=512"):
+        method.validate_batch_size(513)
+    rkd.RKD(S3, T3, w_angle=0.0).validate_batch_size(4096)  # no angle term: no cubic memory
+    rkd.RKD(S3, T3, w_dist=0.0, w_angle=0.0).validate_batch_size(1)  # plain CE learns from any batch
+    # at 2 the relational terms really are zero (up to rounding): refusing them loses nothing
+    s = Outputs(randn(2, 10, seed=1), embedding=randn(2, 4, seed=2))
+    t = Outputs(randn(2, 10, seed=3), embedding=randn(2, 6, seed=4))
+    out = rkd.RKD(S3, T3)(s, t, torch.zeros(2, dtype=torch.long))
+    assert abs(out["dist"].item()) < 1e-9 and abs(out["angle"].item()) < 1e-9

@@ -1,6 +1,8 @@
 """Backbones: the CIFAR nets (timm conformance, parameter counts), the timm plugin, KDNet, pair_stages."""
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import pytest
@@ -174,14 +176,21 @@ def test_wrn_computes_repdistillers_function(depth, k, x):
 
 
 def _collect() -> tuple[list[str], dict]:
-    names, factories = [], {}
+    """The names and factories of the timm plugin's one lazy family, listed as the registry lists them."""
+    families = []
 
-    def register(name, factory):
-        names.append(name)
-        factories[name] = factory
+    class Register:
+        def __call__(self, name, factory):
+            raise AssertionError(f"the timm plugin registers its names as one lazy family, not {name!r} alone")
 
-    timm_backbones.register_models(register)
-    return names, factories
+        def family(self, list_names, make_factory, description):
+            families.append((list_names, make_factory, description))
+
+    timm_backbones.register_models(Register())
+    ((list_names, make_factory, description),) = families
+    assert "timm" in description
+    names = list_names()
+    return names, {name: make_factory(name) for name in names}
 
 
 def test_plugin_registers_timm_names_and_aliases_without_duplicates():
@@ -202,9 +211,60 @@ def test_plugin_registers_timm_names_and_aliases_without_duplicates():
 
 def test_plugin_skips_an_alias_that_timm_uses(monkeypatch):
     real = timm.list_models
-    monkeypatch.setattr(timm_backbones.timm, "list_models", lambda *a, **k: real(*a, **k) + ["resnet20"])
+    monkeypatch.setattr(timm, "list_models", lambda *a, **k: real(*a, **k) + ["resnet20"])
     names, factories = _collect()
     assert names.count("resnet20") == 1 and factories["resnet20"].model_name == "resnet20"
+
+
+def test_aliases_name_exactly_the_cifar_nets():
+    # ALIASES is written out so that the plugin needs no timm import to register its family
+    assert sorted(timm_backbones.ALIASES.values()) == sorted(cifar_nets.CIFAR_MODELS)
+    assert all(target == f"{alias}_cifar" for alias, target in timm_backbones.ALIASES.items()
+               if alias != "mobilenetv2_x0_5")
+
+
+def test_registering_the_timm_plugin_imports_neither_timm_nor_torch():
+    code = ("import sys; from kdzoo_plugins import timm_backbones as t\n"
+            "class R:\n    def family(self, *a): self.args = a\n"
+            "r = R(); t.register_models(r); assert callable(r.args[0]) and callable(r.args[1])\n"
+            "print(sorted(m for m in ('timm', 'torch', 'torchvision') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("model, option, says", [
+    ("resnet20", {"depth": 21}, ["depth=21", "resnet20_cifar", "depth=20", "resnet{20,32,56,110,8x4,32x4}_cifar"]),
+    ("resnet8x4", {"widths": [8, 8, 16, 32]}, ["widths=[8, 8, 16, 32]", "widths=[32, 64, 128, 256]"]),
+    ("resnet20", {"widths": [16, 32]}, ["widths=[16, 32]", "4 positive integers"]),
+    ("wrn_16_1", {"widen": 2}, ["widen=2", "wrn_{16,40}_{1,2}_cifar"]),
+    ("mobilenetv2_x0_5", {"width_mult": 0.0}, ["width_mult=0.0", "at least 0.0625"]),
+])
+def test_cifar_net_options_are_checked_with_kdzoo_errors(kdzoo_registry, model, option, says):
+    with pytest.raises(KDZooError) as err:
+        kdzoo_registry.create_model(model, **option)
+    for text in says:
+        assert text in str(err.value)
+
+
+@pytest.mark.parametrize("cls, option, valid", [
+    (cifar_nets.CifarResNet, {"depth": 21}, "6n + 2 for n >= 1 (8, 14, 20"),
+    (cifar_nets.CifarResNet, {"depth": 2}, "6n + 2"),
+    (cifar_nets.CifarWideResNet, {"depth": 15}, "6n + 4 for n >= 1 (10, 16, 22"),
+    (cifar_nets.CifarWideResNet, {"widen": 0}, "positive integer"),
+])
+def test_cifar_net_classes_refuse_impossible_architectures(cls, option, valid):
+    with pytest.raises(KDZooError, match=r"Model option \w+=") as err:
+        cls(**option)
+    assert valid in str(err.value)
+
+
+def test_cifar_net_timm_api_errors_are_not_asserts():
+    model = cifar_nets.CifarResNet(depth=8)
+    model.set_grad_checkpointing(False)
+    with pytest.raises(NotImplementedError, match="gradient checkpointing"):
+        model.set_grad_checkpointing(True)
+    with pytest.raises(ValueError, match="NCHW"):
+        model.forward_intermediates(torch.zeros(1, 3, 32, 32), output_fmt="NHWC")
 
 
 def test_cifar_stem_on_timm_resnet18_pairs_with_resnet20(x):
@@ -336,3 +396,20 @@ def test_kdnet_dry_run_failure_is_a_clear_error():
     assert KDNet(model).info.num_classes == 2
     with pytest.raises(KDZooError, match="16x16"):
         KDNet(model, input_size=(16, 16))
+
+
+@pytest.mark.parametrize("option, value", [("pretrained", "maybe"), ("cifar_stem", "yes"), ("pretrained", 1),
+                                           ("cifar_stem", None)])
+def test_boolean_model_options_must_be_booleans(option, value):
+    factory = timm_backbones.TimmFactory("resnet20_cifar")
+    with pytest.raises(KDZooError, match=rf"Model option '{option}' of 'resnet20_cifar' must be true or false, "
+                                         rf"got {value!r}\. Write --model-option {option}=true"):
+        factory(**{option: value})
+    assert isinstance(factory(cifar_stem=True, pretrained=False), nn.Module)
+
+
+def test_model_option_pretrained_maybe_is_refused_by_the_cli(tmp_path, capsys):
+    from kdzoo.cli import main
+
+    code = main(["train", "--model", "resnet20", "--model-option", "pretrained=maybe", "--out", str(tmp_path / "o")])
+    assert code == 2 and "Model option 'pretrained'" in capsys.readouterr().err

@@ -9,6 +9,7 @@ from importlib.metadata import entry_points
 
 import pytest
 
+import kdzoo
 from kdzoo import KDZooError
 from kdzoo.cli import main
 from kdzoo.plugins import load_plugins
@@ -153,3 +154,55 @@ def test_cli_flag_disables_plugin(capsys):
     assert "fitnets" in out and "rkd" not in out
     assert main(["-p", "rkd", "methods"]) == 2
     assert "no:NAME" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("env, kwargs, where, effect", [
+    ({}, {"disable": ["nonexistent"]}, "-p no:nonexistent", "nothing was disabled"),
+    ({"KDZOO_DISABLE_PLUGINS": "nonexistent"}, {}, "KDZOO_DISABLE_PLUGINS", "nothing was disabled"),
+    ({"KDZOO_LOAD_PLUGINS": "nonexistent"}, {}, "KDZOO_LOAD_PLUGINS", "nothing was loaded for it"),
+])
+def test_unknown_plugin_names_warn_and_fail_under_strict(fake_dists, monkeypatch, env, kwargs, where, effect):
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    reg = load_plugins(**kwargs)
+    (warning,) = reg.warnings
+    assert warning.startswith(f"{where}: no installed plugin is called 'nonexistent', so {effect}.")
+    assert "Installed plugins: attention, fitnets, kd, rkd, timm." in warning
+    with pytest.raises(KDZooError, match=f"{where}: no installed plugin is called 'nonexistent'.*strict"):
+        load_plugins(strict=True, **kwargs)
+    for var in env:
+        monkeypatch.delenv(var)
+    assert load_plugins(disable=["rkd", "kdzoo"]).warnings == []  # entry-point and distribution names are known
+    assert "Did you mean 'kd'" in load_plugins(disable=["kdd"]).warnings[0]
+
+
+def test_cli_prints_plugin_warnings_on_stderr(fake_dists, capsys):
+    assert main(["methods", "-p", "no:nonexistent"]) == 0
+    captured = capsys.readouterr()
+    assert "warning:" in captured.err and "no installed plugin is called 'nonexistent'" in captured.err
+    assert "nonexistent" not in captured.out
+    assert main(["methods", "-p", "no:nonexistent", "--strict-plugins"]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_method_of_a_disabled_plugin_names_the_plugin(fake_dists, monkeypatch):
+    msg = "Method 'kd' is provided by plugin 'kd' (kdzoo {}), which is {}"
+    with pytest.raises(KDZooError) as e:
+        load_plugins(disable=["kd"]).method("kd")
+    assert str(e.value).startswith(msg.format(kdzoo.__version__, "disabled (-p no:kd); re-enable it: drop -p no:kd"))
+    assert "Did you mean" not in str(e.value)
+    monkeypatch.setenv("KDZOO_DISABLE_PLUGINS", "kd")
+    with pytest.raises(KDZooError, match=r"disabled \(KDZOO_DISABLE_PLUGINS\); re-enable it: remove it from"):
+        load_plugins().method("kd")
+    monkeypatch.delenv("KDZOO_DISABLE_PLUGINS")
+    monkeypatch.setenv("KDZOO_LOAD_PLUGINS", "rkd")
+    with pytest.raises(KDZooError, match=r"not loaded \(KDZOO_LOAD_PLUGINS does not name it\); add 'kd' to KDZOO_LOAD"):
+        load_plugins().method("kd")
+    monkeypatch.delenv("KDZOO_LOAD_PLUGINS")
+    fake_dists("kdzoo-dkd", "0.1", {"kdzoo_dkd_broken": "import kdzoo_no_such_module_xyz\n"},
+               {"dkd": "kdzoo_dkd_broken"})
+    with pytest.raises(KDZooError, match=r"Method 'dkd' is provided by plugin 'dkd' \(kdzoo-dkd 0.1\), which is broken "
+                                         r"\(ModuleNotFoundError"):
+        load_plugins().method("dkd")
+    with pytest.raises(KDZooError, match=r"Unknown method 'kdx'.*Not loaded: plugin 'kd' \(disabled\)"):
+        load_plugins(disable=["kd"]).method("kdx")  # another name: the disabled plugin may provide it

@@ -22,6 +22,7 @@ import pytest
 from rich.console import Console
 
 from kdzoo import KDZooError
+from kdzoo.records import BenchRecord, BestEpoch, RunRecord, Scores, TeacherRecord, TeacherRef
 from kdzoo.report import export, render_table, summarize, summarize_dir, to_csv, to_json, to_markdown
 from kdzoo.store import Store
 
@@ -30,44 +31,37 @@ NAN_ERROR = "Loss became non-finite (nan) at epoch 2, step 3.\nLower the learnin
 
 def student(run_id, teacher, t_key, t_top1, t_params, model, s_params, variant, seed, last, best,
             status="ok", error=None, method=None):
-    rec = {
-        "run_id": run_id, "cohort_id": f"c-{teacher}-{model}-{seed}", "kind": "student", "status": status,
-        "error": error,
-        "teacher": None if teacher is None else
-        {"model": teacher, "key": t_key, "top1": t_top1[0], "best_top1": t_top1[1], "params": t_params},
-        "student": {"model": model, "params": s_params},
-        "method": method or variant, "variant": variant, "hparams": {}, "seed": seed,
-        "history": [], "params": {"student": s_params, "method": 0}, "epochs_done": 2,
-    }
-    if status == "ok":
-        rec["last"] = {"top1": last, "top5": 99.0}
-        rec["best"] = {"epoch": 1, "chosen_on": "test", "top1": best}
-    return rec
+    return RunRecord(
+        run_id=run_id, cohort_id=f"c-{teacher}-{model}-{seed}", status=status, error=error,
+        teacher=TeacherRef(model=teacher, key=t_key, top1=t_top1[0], best_top1=t_top1[1], params=t_params),
+        model=model, params=s_params, method_params=0, method=method or variant, variant=variant, seed=seed,
+        epochs_done=2,
+        last=Scores(top1=last, top5=99.0) if status == "ok" else None,
+        best=BestEpoch(epoch=1, chosen_on="test", top1=best) if status == "ok" else None,
+    )
 
 
-def teacher_run(run_id, model, key, last, best, params, via_block=True):
-    rec = {
-        "run_id": run_id, "kind": "teacher", "status": "ok", "error": None, "seed": 0,
-        "student": {"model": model, "params": params}, "method": "ce", "variant": "ce",
-        "last": {"top1": last}, "best": {"epoch": 2, "chosen_on": "test", "top1": best},
-        "params": {"student": params, "method": 0},
-    }
-    if via_block:
-        rec["teacher"] = {"model": model, "key": key}
-    else:  # kdzoo.bench's convention: no teacher block, top-level model and key
-        rec.update(teacher=None, model=model, key=key, variant="teacher")
-    return rec
+def teacher_run(model, key, last, best, params, status="ok", error=None, source="trained"):
+    return TeacherRecord(
+        run_id=f"teacher-{key}", key=key, model=model, seed=0, status=status, error=error, source=source,
+        params=params, last=Scores(top1=last) if last is not None else None,
+        best=BestEpoch(epoch=2, chosen_on="test", top1=best) if best is not None else None,
+    )
 
 
-BENCH = {
-    "name": "unit", "description": "hand-made store", "budget": "2 epochs, 100 train images",
-    "columns": ["ce", "kd", "attention"], "pairs": [["resnet20", "mobilenet"], ["wrn40_1", "wrn16_1"]],
-    "seeds": [0, 1, 2],
-    "reference": {"source": "Zagoruyko & Komodakis, ICLR 2017, Table 2", "metric": "error", "rows": [
-        {"teacher": "wrn40_1", "student": "wrn16_1",
-         "values": {"student": 8.77, "attention": 8.25, "kd": 8.39, "teacher": 6.58}},
-    ]},
-}
+def bench(records, **fields):
+    """A BenchRecord whose plan holds every student run of ``records`` (the report filters by pair, column, seed)."""
+    return BenchRecord(**{"name": "unit", "seeds": [0], "teachers": {},
+                          "run_ids": [r.run_id for r in records if isinstance(r, RunRecord)], **fields})
+
+
+REFERENCE = {"source": "Zagoruyko & Komodakis, ICLR 2017, Table 2", "metric": "error", "rows": [
+    {"teacher": "wrn40_1", "student": "wrn16_1",
+     "values": {"student": 8.77, "attention": 8.25, "kd": 8.39, "teacher": 6.58}},
+]}
+BENCH = dict(description="hand-made store", budget="2 epochs, 100 train images", columns=["ce", "kd", "attention"],
+             pairs=[["resnet20", "mobilenet"], ["wrn40_1", "wrn16_1"]], seeds=[0, 1, 2], reference=REFERENCE,
+             teachers={"resnet20": "tA", "wrn40_1": "tB"})
 
 A = dict(teacher="resnet20", t_key="tA", t_top1=(90.0, 91.0), t_params=1_200_000, model="mobilenet", s_params=300_000)
 B = dict(teacher="wrn40_1", t_key="tB", t_top1=(93.0, 93.5), t_params=600_000, model="wrn16_1", s_params=175_000)
@@ -76,10 +70,9 @@ B = dict(teacher="wrn40_1", t_key="tB", t_top1=(93.0, 93.5), t_params=600_000, m
 @pytest.fixture
 def store(tmp_path):
     s = Store(tmp_path / "bench")
-    s.write_bench(BENCH)
-    runs = [teacher_run("t-a", "resnet20", "tA", 90.0, 91.0, 1_200_000),
-            teacher_run("t-old", "resnet20", "old", 50.0, 50.0, 1_200_000),
-            teacher_run("t-b", "wrn40_1", "tB", 93.0, 93.5, 600_000, via_block=False)]
+    runs = [teacher_run("resnet20", "tA", 90.0, 91.0, 1_200_000),
+            teacher_run("resnet20", "old", 50.0, 50.0, 1_200_000),
+            teacher_run("wrn40_1", "tB", 93.0, 93.5, 600_000)]
     table_a = {"ce": ([70, 71, 72], [71, 72, 73]), "kd": ([72, 73, 74], [75, 75, 75]),
                "attention": ([69, 71, 70], [76, 77, 78])}
     for variant, (last, best) in table_a.items():
@@ -102,6 +95,7 @@ def store(tmp_path):
     runs.append(student("x-kd-9", **A, variant="kd", seed=9, last=1.0, best=1.0))
     for r in runs:
         s.write_run(r)
+    s.write_bench(bench(runs, **BENCH))
     return s
 
 
@@ -239,8 +233,8 @@ def test_rich_table(store):
     assert "\x1b[32mΔ +2.00" in styled and "\x1b[31mΔ -1.00" in styled  # green / red
 
 
-def test_failed_missing_and_checkpoint_teacher(tmp_path):
-    """A cell with every seed failed, a column never run, Δ over fewer pairs, and a teacher without a run."""
+def test_failed_missing_and_checkpoint_teacher():
+    """A cell with every seed failed, a column never run, Δ over fewer pairs, and a teacher without a record."""
     t = dict(teacher="resnet56", t_key="ckpt", t_top1=(94.0, 94.2), t_params=850_000, model="resnet8", s_params=78_000)
     runs = [
         student("ce-0", **t, variant="ce", seed=0, last=None, best=None, status="failed", error="boom"),
@@ -249,59 +243,37 @@ def test_failed_missing_and_checkpoint_teacher(tmp_path):
         student("kd-1", **t, variant="kd(T=2)", method="kd", seed=1, last=83.0, best=83.0),
         student("at-0", **t, variant="attention", seed=0, last=None, best=None, status="failed", error="bad shapes"),
     ]
-    bench = {"name": "x", "columns": ["ce", "kd(T=2)", "attention", "rkd"], "pairs": [["resnet56", "resnet8"]],
-             "reference": {"source": "paper", "metric": "top1",
-                           "rows": [{"teacher": "resnet56", "student": "resnet8", "values": {"kd": 82.5, "rkd": "—"}}]}}
-    s = summarize(runs, bench)
-    assert s.seeds == [0, 1]  # no "seeds" in bench.json: taken from the records
+    b = bench(runs, name="x", columns=["ce", "kd(T=2)", "attention", "rkd"], pairs=[["resnet56", "resnet8"]],
+              seeds=[0, 1], reference={"source": "paper", "metric": "top1", "rows": [
+                  {"teacher": "resnet56", "student": "resnet8", "values": {"kd": 82.5, "rkd": "—"}}]})
+    s = summarize(runs, b)
     c = cells(s, 0)
     assert c["ce"].status == "partial" and c["ce"].failed_seeds == [0]
     assert c["kd(T=2)"].delta.seeds == [1] and c["kd(T=2)"].delta.mean == 3.0
     assert c["kd(T=2)"].reference == 82.5 and c["kd(T=2)"].reference_diff == -0.5  # by method name, top-1
     assert c["attention"].status == "failed" and c["rkd"].status == "missing" and c["rkd"].reference is None
+    # no teacher record: the students' teacher blocks supply its numbers
     assert s.rows[0].teacher_stat.values == [94.0] and s.rows[0].teacher_params == 850_000
-    assert summarize(runs, bench, "best").rows[0].teacher_stat.values == [94.2]
+    assert summarize(runs, b, "best").rows[0].teacher_stat.values == [94.2]
     line = next(l for l in to_markdown(s).splitlines() if l.startswith("| resnet56"))
     assert line == ("| resnet56 → resnet8 | 94.00 | 0.85M | 0.08M | 80.00 (n=1)<br>1 failed "
                     "| **82.00 ± 1.41**\\* (n=2)<br>Δ +3.00 (1 paired)<br>82.00 vs ref 82.50 (-0.50) | failed | — |")
     assert [f.run_id for f in s.failures] == ["ce-0", "at-0"]
-    with pytest.raises(KDZooError, match="'columns'"):
-        summarize(runs, {"pairs": []})
     with pytest.raises(KDZooError, match="'error'"):
-        summarize(runs, {**bench, "reference": {"source": "p", "metric": "acc", "rows": []}})
-
-
-def test_shared_teacherless_baseline():
-    """A ce baseline recorded without a teacher serves every pair with that student; its failure is listed once."""
-    def run(run_id, teacher, variant, seed, top1, status="ok"):
-        t = dict(teacher=teacher, t_key=f"k-{teacher}", t_top1=(90.0, 90.0), t_params=10, model="s", s_params=5)
-        return student(run_id, **t, variant=variant, seed=seed, last=top1, best=top1, status=status,
-                       error=None if status == "ok" else "oom")
-    runs = [run("ce-0", None, "ce", 0, 60.0), run("ce-1", None, "ce", 1, 62.0), run("ce-2", None, "ce", 2, None, "failed"),
-            run("t1-kd-0", "t1", "kd", 0, 61.0), run("t1-kd-1", "t1", "kd", 1, 65.0),
-            run("t2-kd-0", "t2", "kd", 0, 59.0), run("t2-kd-1", "t2", "kd", 1, 60.0)]
-    s = summarize(runs, {"columns": ["ce", "kd"], "pairs": [["t1", "s"], ["t2", "s"]], "seeds": [0, 1, 2]})
-    assert [cells(s, i)["ce"].stat.values for i in (0, 1)] == [[60.0, 62.0], [60.0, 62.0]]
-    assert [cells(s, i)["kd"].delta.values for i in (0, 1)] == [[1.0, 3.0], [-1.0, -2.0]]
-    assert [cells(s, i)["kd"].best for i in (0, 1)] == [True, False]
-    assert [f.run_id for f in s.failures] == ["ce-2"]
-    assert [r.teacher_status for r in s.rows] == ["ok", "ok"]  # from the students' teacher blocks
+        summarize(runs, bench(runs, columns=["ce"], pairs=[], reference={"source": "p", "metric": "acc", "rows": []}))
 
 
 def test_teacher_runs_checkpoint_failed_and_planned_key():
     """A checkpoint teacher without a best-epoch number, a failed teacher, and bench.json's planned teacher keys."""
-    ckpt = {"run_id": "teacher-k1", "kind": "teacher", "status": "ok", "error": None, "model": "t1", "key": "k1",
-            "teacher": None, "student": {"model": "t1", "params": 2_000_000}, "variant": "teacher", "seed": 0,
-            "last": {"top1": 94.0}, "best": None, "source": "checkpoint"}
-    bad = {"run_id": "teacher-k2", "kind": "teacher", "status": "failed", "error": "Loss became non-finite.",
-           "model": "t2", "key": "k2", "teacher": None, "student": {"model": "t2", "params": 3_000_000}, "seed": 0}
-    stale = {**ckpt, "run_id": "teacher-k0", "key": "k0", "last": {"top1": 10.0}}
-    bench = {"columns": ["ce", "kd"], "pairs": [["t1", "s"], ["t2", "s"]], "seeds": [0],
-             "teachers": {"t1": "k1", "t2": "k2"}}  # no student has run yet: the planned keys decide
-    last = summarize([stale, ckpt, bad], bench)
+    ckpt = teacher_run("t1", "k1", 94.0, None, 2_000_000, source="checkpoint")
+    bad = teacher_run("t2", "k2", None, None, 3_000_000, status="failed", error="Loss became non-finite.")
+    stale = teacher_run("t1", "k0", 10.0, None, 2_000_000, source="checkpoint")
+    b = bench([], columns=["ce", "kd"], pairs=[["t1", "s"], ["t2", "s"]],
+              teachers={"t1": "k1", "t2": "k2"})  # no student has run yet: the planned keys decide
+    last = summarize([stale, ckpt, bad], b)
     assert [(r.teacher_status, r.teacher_stat.values, r.teacher_params) for r in last.rows] == \
         [("ok", [94.0], 2_000_000), ("failed", [], 3_000_000)]
-    best = summarize([stale, ckpt, bad], bench, "best")
+    best = summarize([stale, ckpt, bad], b, "best")
     assert best.rows[0].teacher_status == "missing"  # unknown, not failed
     assert [f.run_id for f in best.failures] == ["teacher-k2"]
     md = to_markdown(last)
@@ -311,11 +283,10 @@ def test_teacher_runs_checkpoint_failed_and_planned_key():
 
 def test_only_the_current_plans_runs_are_shown():
     """A folder rerun with an edited YAML keeps old records; bench.json's run_ids decide what counts."""
-    def student(run_id, variant, top1):
-        return {"run_id": run_id, "kind": "student", "status": "ok", "error": None, "variant": variant, "seed": 0,
-                "teacher": {"model": "t", "key": "k"}, "student": {"model": "s", "params": 1000},
-                "last": {"top1": top1}, "best": {"top1": top1, "epoch": 1}}
-    records = [student("new-ce", "ce", 50.0), student("new-kd", "kd", 55.0), student("old-ce", "ce", 10.0)]
-    bench = {"columns": ["ce", "kd"], "pairs": [["t", "s"]], "seeds": [0], "run_ids": ["new-ce", "new-kd"]}
-    row = summarize(records, bench).rows[0]
+    t = dict(teacher="t", t_key="k", t_top1=(90.0, 90.0), t_params=10, model="s", s_params=1000)
+    records = [student("new-ce", **t, variant="ce", seed=0, last=50.0, best=50.0),
+               student("new-kd", **t, variant="kd", seed=0, last=55.0, best=55.0),
+               student("old-ce", **t, variant="ce", seed=0, last=10.0, best=10.0)]
+    b = bench(records[:2], columns=["ce", "kd"], pairs=[["t", "s"]])
+    row = summarize(records, b).rows[0]
     assert {name: cell.stat.values for name, cell in zip(["ce", "kd"], row.cells)} == {"ce": [50.0], "kd": [55.0]}

@@ -44,7 +44,7 @@ def test_cifar_model_follows_the_contract(name, kdzoo_check_model):
 
 def test_fixtures_come_from_the_pytest11_plugin(request, kdzoo_netinfo_pairs):
     plugin = request.config.pluginmanager.get_plugin("kdzoo")
-    assert plugin is not None and plugin.__name__ == "kdzoo.testing"
+    assert plugin is not None and plugin.__name__ == "kdzoo.pytest_plugin"
     assert kdzoo_netinfo_pairs == NETINFO_PAIRS and len(NETINFO_PAIRS) == 6
     shapes = {name: (s.num_stages, t.num_stages, s.stage_sizes == t.stage_sizes, s.stage_channels == t.stage_channels)
               for name, (s, t) in NETINFO_PAIRS.items()}

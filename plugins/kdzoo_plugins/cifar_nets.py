@@ -32,10 +32,16 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from torch import nn
 
+from kdzoo import KDZooError
+
 __all__ = ["CifarResNet", "CifarWideResNet", "CifarMobileNetV2"]
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class _CifarNet(nn.Module):
@@ -67,7 +73,8 @@ class _CifarNet(nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        assert not enable, "gradient checkpointing is not supported"
+        if enable:  # not an assert: under python -O it would silently do nothing
+            raise NotImplementedError(f"{type(self).__name__} does not support gradient checkpointing")
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         for name in self._steps:
@@ -87,7 +94,8 @@ class _CifarNet(nn.Module):
 
         ``norm`` is accepted and ignored: every intermediate is already what ``feature_info`` names.
         """
-        assert output_fmt == "NCHW", "Output shape must be NCHW."
+        if output_fmt != "NCHW":
+            raise ValueError(f"{type(self).__name__}.forward_intermediates supports output_fmt='NCHW' only, got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
         take = {self.feature_info[i]["module"] for i in take_indices}
         last_step = self._steps.index(self.feature_info[max_index]["module"])
@@ -158,7 +166,12 @@ class CifarResNet(_CifarNet):
     def __init__(self, depth: int = 20, widths: tuple[int, ...] = (16, 16, 32, 64), num_classes: int = 10,
                  in_chans: int = 3, global_pool: str = "avg", drop_rate: float = 0.0) -> None:
         super().__init__()
-        assert (depth - 2) % 6 == 0, "depth must be 6n + 2"
+        if not (_is_int(depth) and depth >= 8 and (depth - 2) % 6 == 0):
+            raise KDZooError(f"Model option depth={depth!r} is not a CIFAR ResNet depth: use 6n + 2 for n >= 1 "
+                             "(8, 14, 20, 26, 32, 44, 56, 110, ...).")
+        if not (isinstance(widths, (list, tuple)) and len(widths) == 4 and all(_is_int(w) and w > 0 for w in widths)):
+            raise KDZooError(f"Model option widths={widths!r} must be 4 positive integers, the channels of the stem "
+                             "and of the three stages (e.g. [16, 16, 32, 64]).")
         n = (depth - 2) // 6
         self.conv1 = nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
@@ -205,7 +218,11 @@ class CifarWideResNet(_CifarNet):
     def __init__(self, depth: int = 16, widen: int = 1, num_classes: int = 10, in_chans: int = 3,
                  global_pool: str = "avg", drop_rate: float = 0.0) -> None:
         super().__init__()
-        assert (depth - 4) % 6 == 0, "depth must be 6n + 4"
+        if not (_is_int(depth) and depth >= 10 and (depth - 4) % 6 == 0):
+            raise KDZooError(f"Model option depth={depth!r} is not a WRN depth: use 6n + 4 for n >= 1 "
+                             "(10, 16, 22, 28, 40, ...).")
+        if not (_is_int(widen) and widen >= 1):
+            raise KDZooError(f"Model option widen={widen!r} must be a positive integer, the k of WRN-d-k (1, 2, 4, 8, ...).")
         n = (depth - 4) // 6
         widths = [16 * widen, 32 * widen, 64 * widen]
         self.conv1 = nn.Conv2d(in_chans, 16, 3, 1, 1, bias=False)
@@ -256,6 +273,9 @@ class CifarMobileNetV2(_CifarNet):
     def __init__(self, width_mult: float = 0.5, num_classes: int = 10, in_chans: int = 3,
                  global_pool: str = "avg", drop_rate: float = 0.0) -> None:
         super().__init__()
+        if not (isinstance(width_mult, (int, float)) and not isinstance(width_mult, bool) and width_mult >= 1 / 16):
+            raise KDZooError(f"Model option width_mult={width_mult!r} must be a number of at least 0.0625, so that "
+                             "every layer keeps a channel (0.5 is RepDistiller's mobile_half, 1.0 the full width).")
         in_chs = int(32 * width_mult)
         self.conv_stem = nn.Conv2d(in_chans, in_chs, 3, 1, 1, bias=False)
         self.bn1 = BatchNormAct2d(in_chs)
@@ -295,7 +315,18 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-def _create(cls: type, variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+_VARIANTS = {"CifarResNet": "resnet{20,32,56,110,8x4,32x4}_cifar", "CifarWideResNet": "wrn_{16,40}_{1,2}_cifar"}
+
+
+def _create(cls: type, variant: str, pretrained: bool, options: dict[str, Any], **arch: Any) -> nn.Module:
+    """Build ``variant``: the architecture ``arch`` that its name fixes, plus the user's model ``options``."""
+    fixed = sorted(arch.keys() & options.keys())
+    if fixed:
+        key, value = fixed[0], arch[fixed[0]]
+        raise KDZooError(f"Model option {key}={options[key]!r} does not apply to '{variant}', which is built with "
+                         f"{key}={list(value) if isinstance(value, tuple) else value}: pick the variant you want "
+                         f"instead ({_VARIANTS[cls.__name__]}, or the short names without _cifar).")
+    kwargs = {**options, **arch}
     n_feats = {CifarResNet: 4, CifarWideResNet: 3, CifarMobileNetV2: 4}[cls]
     feature_cfg = dict(feature_cls="getter", out_indices=tuple(range(n_feats)))
     return build_model_with_cfg(cls, variant, pretrained, feature_cfg=feature_cfg, **kwargs)
@@ -306,57 +337,57 @@ _X4 = (32, 64, 128, 256)
 
 @register_model
 def resnet20_cifar(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
-    return _create(CifarResNet, "resnet20_cifar", pretrained, depth=20, **kwargs)
+    return _create(CifarResNet, "resnet20_cifar", pretrained, kwargs, depth=20)
 
 
 @register_model
 def resnet32_cifar(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
-    return _create(CifarResNet, "resnet32_cifar", pretrained, depth=32, **kwargs)
+    return _create(CifarResNet, "resnet32_cifar", pretrained, kwargs, depth=32)
 
 
 @register_model
 def resnet56_cifar(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
-    return _create(CifarResNet, "resnet56_cifar", pretrained, depth=56, **kwargs)
+    return _create(CifarResNet, "resnet56_cifar", pretrained, kwargs, depth=56)
 
 
 @register_model
 def resnet110_cifar(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
-    return _create(CifarResNet, "resnet110_cifar", pretrained, depth=110, **kwargs)
+    return _create(CifarResNet, "resnet110_cifar", pretrained, kwargs, depth=110)
 
 
 @register_model
 def resnet8x4_cifar(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
-    return _create(CifarResNet, "resnet8x4_cifar", pretrained, depth=8, widths=_X4, **kwargs)
+    return _create(CifarResNet, "resnet8x4_cifar", pretrained, kwargs, depth=8, widths=_X4)
 
 
 @register_model
 def resnet32x4_cifar(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
-    return _create(CifarResNet, "resnet32x4_cifar", pretrained, depth=32, widths=_X4, **kwargs)
+    return _create(CifarResNet, "resnet32x4_cifar", pretrained, kwargs, depth=32, widths=_X4)
 
 
 @register_model
 def wrn_16_1_cifar(pretrained: bool = False, **kwargs: Any) -> CifarWideResNet:
-    return _create(CifarWideResNet, "wrn_16_1_cifar", pretrained, depth=16, widen=1, **kwargs)
+    return _create(CifarWideResNet, "wrn_16_1_cifar", pretrained, kwargs, depth=16, widen=1)
 
 
 @register_model
 def wrn_16_2_cifar(pretrained: bool = False, **kwargs: Any) -> CifarWideResNet:
-    return _create(CifarWideResNet, "wrn_16_2_cifar", pretrained, depth=16, widen=2, **kwargs)
+    return _create(CifarWideResNet, "wrn_16_2_cifar", pretrained, kwargs, depth=16, widen=2)
 
 
 @register_model
 def wrn_40_1_cifar(pretrained: bool = False, **kwargs: Any) -> CifarWideResNet:
-    return _create(CifarWideResNet, "wrn_40_1_cifar", pretrained, depth=40, widen=1, **kwargs)
+    return _create(CifarWideResNet, "wrn_40_1_cifar", pretrained, kwargs, depth=40, widen=1)
 
 
 @register_model
 def wrn_40_2_cifar(pretrained: bool = False, **kwargs: Any) -> CifarWideResNet:
-    return _create(CifarWideResNet, "wrn_40_2_cifar", pretrained, depth=40, widen=2, **kwargs)
+    return _create(CifarWideResNet, "wrn_40_2_cifar", pretrained, kwargs, depth=40, widen=2)
 
 
 @register_model
 def mobilenetv2_cifar(pretrained: bool = False, **kwargs: Any) -> CifarMobileNetV2:
-    return _create(CifarMobileNetV2, "mobilenetv2_cifar", pretrained, **kwargs)
+    return _create(CifarMobileNetV2, "mobilenetv2_cifar", pretrained, kwargs)
 
 
 CIFAR_MODELS: tuple[str, ...] = tuple(default_cfgs)

@@ -11,6 +11,9 @@ Definition (RepDistiller ``RKDLoss`` / mdistiller ``RKD``):
 The teacher's and the student's embedding widths may differ. The teacher side runs under
 ``no_grad``. The angle term holds ``B^3`` cosines (plus a ``B x B x D`` difference tensor), so
 batches above ``angle_max_batch`` are refused with an explanation; ``w_angle=0`` skips it.
+Batches of fewer than 3 are refused too: with 2 embeddings both normalised distances are 1 and
+every angle is the same for student and teacher, so both terms are zero (up to rounding). Both
+refusals come from ``validate_batch_size``, which validation calls before any training.
 Computed in float32, with autocast disabled (the matmuls would otherwise run in bf16/fp16).
 """
 from __future__ import annotations
@@ -62,9 +65,7 @@ class RKD(Method):
         if self.angle_max_batch < 1:
             raise KDZooError(f"Method 'rkd': angle_max_batch must be >= 1, got {self.angle_max_batch}.")
 
-    def forward(self, student: Outputs, teacher: Outputs, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        terms = {"ce": self.w_ce * self.ce(student.logits, labels)}
-        batch = student.embedding.shape[0]
+    def _check_angle_memory(self, batch: int) -> None:
         if self.w_angle != 0 and batch > self.angle_max_batch:
             gib = 4 * batch**3 * 3 / 2**30  # student cosines, their gradient, teacher cosines (float32)
             raise KDZooError(
@@ -73,6 +74,24 @@ class RKD(Method):
                 "gradient), so its memory grows with the cube of the batch size. Use a smaller batch size, "
                 "raise angle_max_batch if your device has the memory, or set w_angle=0 to skip the angle term."
             )
+
+    def validate_batch_size(self, batch_size: int) -> None:
+        """Refuse batches above ``angle_max_batch`` (angle term on) and, when a relational term is on,
+        below 3: with 2 embeddings both terms are zero up to rounding, with 1 there are no pairs."""
+        self._check_angle_memory(batch_size)
+        if batch_size < 3 and (self.w_dist != 0 or self.w_angle != 0):
+            raise KDZooError(
+                f"Method 'rkd' cannot learn from batches of {batch_size} image{'s' if batch_size != 1 else ''}: "
+                "it transfers the distances and angles between the embeddings of a batch, and with fewer than 3 "
+                "images every normalised distance is 1 and every angle is the same for student and teacher, so "
+                "both relational terms are zero (up to rounding) and the run is plain cross-entropy. Use a batch "
+                "size of at least 3 (RepDistiller uses 64)."
+            )
+
+    def forward(self, student: Outputs, teacher: Outputs, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        terms = {"ce": self.w_ce * self.ce(student.logits, labels)}
+        batch = student.embedding.shape[0]
+        self._check_angle_memory(batch)  # also checked before training, by validate_batch_size
         s = student.embedding.flatten(1)
         t = teacher.embedding.detach().flatten(1)
         if batch < 2:  # no pairs: nothing relational to transfer (a 1-sample last batch)

@@ -10,6 +10,10 @@ Registered names:
   ``mobile_half``; ``mobilenetv2`` alone would be ambiguous next to timm's ImageNet
   ``mobilenetv2_*``). An alias that timm itself uses is not registered: the timm model wins.
 
+The names are one lazy family (``register.family``): importing this module imports neither timm nor
+torch, and timm's names are listed only when kdzoo first looks up or lists a model, so commands that
+need only methods (``kdzoo methods``, ``kdzoo plugins``) never import timm.
+
 Every factory is ``factory(num_classes=10, pretrained=False, cifar_stem=False, **kwargs)`` and calls
 ``timm.create_model``; ``kwargs`` pass through to it. ``cifar_stem=True`` gives an ImageNet model a
 CIFAR stem (a 3x3 stride-1 conv and no max-pool) and rewrites ``feature_info`` with the true
@@ -20,26 +24,40 @@ weights and gets stride 1). The CIFAR nets already have one, so the flag changes
 """
 from __future__ import annotations
 
-from typing import Any
-
-import timm
-from torch import nn
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from kdzoo import KDZooError, hookimpl
-from kdzoo_plugins import cifar_nets  # noqa: F401  (registers the CIFAR nets into timm)
 
+if TYPE_CHECKING:  # timm and torch are imported when a model is listed or built, not with this module
+    from torch import nn
+
+#: Short names of the CIFAR nets (kdzoo_plugins.cifar_nets.CIFAR_MODELS; a test checks they agree).
 ALIASES: dict[str, str] = {
-    **{name[: -len("_cifar")]: name for name in cifar_nets.CIFAR_MODELS if name != "mobilenetv2_cifar"},
+    **{f"resnet{d}": f"resnet{d}_cifar" for d in ("20", "32", "56", "110", "8x4", "32x4")},
+    **{f"wrn_{d}_{k}": f"wrn_{d}_{k}_cifar" for d in (16, 40) for k in (1, 2)},
     "mobilenetv2_x0_5": "mobilenetv2_cifar",
 }
 
-_NETWORK_ERRORS: tuple[type[BaseException], ...] = (OSError,)  # hf_hub and urllib errors are OSErrors
-try:  # huggingface_hub >= 1.0 talks through httpx, whose transport errors are not OSErrors
-    import httpx
 
-    _NETWORK_ERRORS += (httpx.TransportError,)
-except ImportError:  # pragma: no cover
-    pass
+def _timm() -> ModuleType:
+    """timm, with the CIFAR nets registered into it."""
+    import timm
+
+    from kdzoo_plugins import cifar_nets  # noqa: F401  (registers the CIFAR nets into timm)
+
+    return timm
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    errors: tuple[type[BaseException], ...] = (OSError,)  # hf_hub and urllib errors are OSErrors
+    try:  # huggingface_hub >= 1.0 talks through httpx, whose transport errors are not OSErrors
+        import httpx
+
+        errors += (httpx.TransportError,)
+    except ImportError:  # pragma: no cover
+        pass
+    return errors
 
 
 class TimmFactory:
@@ -53,6 +71,14 @@ class TimmFactory:
 
     def __call__(self, num_classes: int = 10, pretrained: bool = False, cifar_stem: bool = False,
                  **kwargs: Any) -> nn.Module:
+        for option, value in (("pretrained", pretrained), ("cifar_stem", cifar_stem)):
+            if not isinstance(value, bool):  # "maybe" or "yes" is truthy: never read a string as true
+                raise KDZooError(
+                    f"Model option '{option}' of '{self.model_name}' must be true or false, got {value!r}. "
+                    f"Write --model-option {option}=true (or false), or `{option}: true` under the model's "
+                    "options in YAML."
+                )
+        timm = _timm()
         if pretrained and not ({"pretrained_cfg", "pretrained_cfg_overlay"} & kwargs.keys()):
             cfg = timm.models.get_pretrained_cfg(self.model_name)
             if cfg is None or not cfg.has_weights:
@@ -63,7 +89,7 @@ class TimmFactory:
                 )
         try:
             model = timm.create_model(self.model_name, pretrained=pretrained, num_classes=num_classes, **kwargs)
-        except _NETWORK_ERRORS as exc:
+        except _network_errors() as exc:
             if not pretrained:
                 raise
             raise KDZooError(
@@ -72,7 +98,7 @@ class TimmFactory:
                 "Use pretrained=False, or pre-populate the Hugging Face cache on a machine with a "
                 "connection and set HF_HUB_OFFLINE=1 to use the cached copy."
             ) from exc
-        if cifar_stem and self.model_name not in cifar_nets.CIFAR_MODELS:
+        if cifar_stem and self.model_name not in ALIASES.values():  # the CIFAR nets have a CIFAR stem
             model = to_cifar_stem(model, self.model_name)
         return model
 
@@ -89,6 +115,7 @@ def to_cifar_stem(model: nn.Module, name: str = "") -> nn.Module:
     from timm.models.efficientnet import EfficientNet
     from timm.models.mobilenetv3 import MobileNetV3
     from timm.models.resnet import ResNet
+    from torch import nn
 
     if isinstance(model, ResNet):
         first = next(m for m in model.conv1.modules() if isinstance(m, nn.Conv2d))
@@ -111,12 +138,21 @@ def to_cifar_stem(model: nn.Module, name: str = "") -> nn.Module:
     return model
 
 
+def list_names() -> list[str]:
+    """Every name this plugin provides: ``timm.list_models()`` (the CIFAR nets included) and the
+    aliases that timm does not use itself."""
+    names = _timm().list_models()
+    taken = set(names)
+    return names + [alias for alias in ALIASES if alias not in taken]
+
+
+def make_factory(name: str) -> TimmFactory:
+    """The factory of a name from :func:`list_names`: an alias builds its CIFAR net unless timm lists the name."""
+    if name in ALIASES and name not in _timm().list_models():
+        return TimmFactory(ALIASES[name])
+    return TimmFactory(name)
+
+
 @hookimpl
 def register_models(register):
-    names = timm.list_models()
-    for name in names:
-        register(name, TimmFactory(name))
-    taken = set(names)
-    for alias, target in ALIASES.items():
-        if alias not in taken:
-            register(alias, TimmFactory(target))
+    register.family(list_names, make_factory, "every timm model and 11 CIFAR aliases")

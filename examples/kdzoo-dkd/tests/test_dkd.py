@@ -1,7 +1,7 @@
 """DKD against the kdzoo contract and against an independent float64 hand computation.
 
 The fixtures ``kdzoo_check_method`` and ``kdzoo_registry`` come from kdzoo's pytest plugin
-(``kdzoo.testing``), which pytest loads automatically once kdzoo is installed.
+(``kdzoo.pytest_plugin``), which pytest loads automatically once kdzoo is installed.
 """
 from __future__ import annotations
 
