@@ -4,11 +4,12 @@ Registered names:
 
 * every name in ``timm.list_models()``, which includes the CIFAR nets of
   :mod:`kdzoo_plugins.cifar_nets` (``resnet20_cifar``, ..., ``mobilenetv2_cifar``);
-* short aliases for the CIFAR nets, as the KD literature names them: ``resnet20``, ``resnet32``,
-  ``resnet56``, ``resnet110``, ``resnet8x4``, ``resnet32x4``, ``wrn_16_1``, ``wrn_16_2``,
-  ``wrn_40_1``, ``wrn_40_2`` and ``mobilenetv2_x0_5`` (MobileNetV2 at width 0.5, RepDistiller's
-  ``mobile_half``; ``mobilenetv2`` alone would be ambiguous next to timm's ImageNet
-  ``mobilenetv2_*``). An alias that timm itself uses is not registered: the timm model wins.
+* short aliases for the CIFAR nets, as the KD literature names them (:data:`ALIASES`): ``resnet8`` …
+  ``resnet110``, ``resnet8x4``, ``resnet32x4``, ``wrn_16_1`` … ``wrn_40_2``, ``vgg8``,
+  ``shufflenet_v1``, ``shufflenet_v2``, ``mobile_half`` (RepDistiller's MobileNetV2, stride-2 stem) and
+  ``mobilenetv2_x0_5`` (the same width with a stride-1 stem). An alias that timm itself uses is not
+  registered: the timm model wins, so the CIFAR ``vgg11``…``vgg19`` and ``resnet50`` go by their
+  ``*_cifar`` names.
 
 The names are one lazy family (``register.family``): importing this module imports neither timm nor
 torch, and timm's names are listed only when kdzoo first looks up or lists a model, so commands that
@@ -33,10 +34,17 @@ if TYPE_CHECKING:  # timm and torch are imported when a model is listed or built
     from torch import nn
 
 #: Short names of the CIFAR nets (kdzoo_plugins.cifar_nets.CIFAR_MODELS; a test checks they agree).
+#: The nets whose short name is a timm ImageNet model (resnet50, vgg11/13/16/19) keep their full
+#: ``*_cifar`` name here: timm's model wins a shared name, and every CIFAR net must be listed.
 ALIASES: dict[str, str] = {
-    **{f"resnet{d}": f"resnet{d}_cifar" for d in ("20", "32", "56", "110", "8x4", "32x4")},
+    **{f"resnet{d}": f"resnet{d}_cifar" for d in ("8", "14", "20", "32", "44", "56", "110", "8x4", "32x4")},
     **{f"wrn_{d}_{k}": f"wrn_{d}_{k}_cifar" for d in (16, 40) for k in (1, 2)},
-    "mobilenetv2_x0_5": "mobilenetv2_cifar",
+    "mobilenetv2_x0_5": "mobilenetv2_cifar",  # RepDistiller's mobile_half with a stride-1 stem
+    "mobile_half": "mobile_half_cifar",
+    "vgg8": "vgg8_cifar",
+    "shufflenet_v1": "shufflenet_v1_cifar",
+    "shufflenet_v2": "shufflenet_v2_cifar",
+    **{name: name for name in ("resnet50_cifar", "vgg11_cifar", "vgg13_cifar", "vgg16_cifar", "vgg19_cifar")},
 }
 
 
@@ -155,4 +163,4 @@ def make_factory(name: str) -> TimmFactory:
 
 @hookimpl
 def register_models(register):
-    register.family(list_names, make_factory, "every timm model and 11 CIFAR aliases")
+    register.family(list_names, make_factory, f"every timm model and {len(ALIASES)} CIFAR names")
