@@ -33,7 +33,6 @@ import copy
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -41,11 +40,10 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from kdzoo.config import Recipe
-from kdzoo.data import CifarData
+from kdzoo.data import Data
 from kdzoo.engine import Member, Trainer, autocast_dtype, resolve_device
 from kdzoo.plugins import Registry, load_plugins
 from kdzoo.runner import build_method, build_student
@@ -71,11 +69,11 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def synthetic(device: torch.device, n: int, seed: int = 0) -> CifarData:
+def synthetic(device: torch.device, n: int, seed: int = 0) -> Data:
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, 256, (n + 10, 3, 32, 32), generator=g, dtype=torch.uint8)
     y = torch.randint(0, 10, (n + 10,), generator=g)
-    return CifarData(x[:n].to(device), y[:n].to(device), x[n:].to(device), y[n:].to(device))
+    return Data(x[:n].to(device), y[:n].to(device), x[n:].to(device), y[n:].to(device))
 
 
 def kd_terms(s_logits: torch.Tensor, t_logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -86,7 +84,7 @@ def kd_terms(s_logits: torch.Tensor, t_logits: torch.Tensor, y: torch.Tensor) ->
     return W_CE * ce + W_KD * T * T * kl
 
 
-def batches(data: CifarData, batch_size: int, epoch: int, fmt: torch.memory_format):
+def batches(data: Data, batch_size: int, epoch: int, fmt: torch.memory_format):
     for x, y in data.train_batches(0, epoch, batch_size):
         yield x.contiguous(memory_format=fmt), y
 
@@ -96,9 +94,9 @@ class Loop:
 
     def __init__(self, registry: Registry, s: Setup, streams: bool = False, compile: bool = False) -> None:
         self.s = s
-        self.teacher = build_student(registry, TEACHER, {}, 1).model.to(s.device, memory_format=s.fmt).eval()
+        self.teacher = build_student(registry, TEACHER, {}, 1, num_classes=10).model.to(s.device, memory_format=s.fmt).eval()
         self.teacher.requires_grad_(False)
-        self.students = [build_student(registry, STUDENT, {}, 0).model.to(s.device, memory_format=s.fmt).train()
+        self.students = [build_student(registry, STUDENT, {}, 0, num_classes=10).model.to(s.device, memory_format=s.fmt).train()
                          for _ in range(s.members)]
         self.opts = [torch.optim.SGD(m.parameters(), lr=LR, momentum=0.9, weight_decay=5e-4) for m in self.students]
         self.streams = [torch.cuda.Stream(s.device) for _ in self.students] if streams else None
@@ -144,9 +142,9 @@ class Stacked:
         from torch.func import functional_call, stack_module_state, vmap
 
         self.s = s
-        self.teacher = build_student(registry, TEACHER, {}, 1).model.to(s.device, memory_format=s.fmt).eval()
+        self.teacher = build_student(registry, TEACHER, {}, 1, num_classes=10).model.to(s.device, memory_format=s.fmt).eval()
         self.teacher.requires_grad_(False)
-        students = [build_student(registry, STUDENT, {}, 0).model.to(s.device, memory_format=s.fmt).train()
+        students = [build_student(registry, STUDENT, {}, 0, num_classes=10).model.to(s.device, memory_format=s.fmt).train()
                     for _ in range(s.members)]
         self.params, self.buffers = stack_module_state(students)
         base = copy.deepcopy(students[0]).to("meta")
@@ -174,7 +172,7 @@ class Stacked:
         self.opt.step()
 
 
-def timed(step: Callable[[torch.Tensor, torch.Tensor], None], data: CifarData, s: Setup, batch_size: int) -> float:
+def timed(step: Callable[[torch.Tensor, torch.Tensor], None], data: Data, s: Setup, batch_size: int) -> float:
     """Member-images per second of ``step`` over ``s.steps`` batches after ``s.warmup`` untimed ones."""
     it = batches(data, batch_size, 0, s.fmt)
     for _ in range(s.warmup):
@@ -192,10 +190,10 @@ def timed(step: Callable[[torch.Tensor, torch.Tensor], None], data: CifarData, s
 
 def engine_rate(registry: Registry, s: Setup) -> float:
     """kdzoo's Trainer: one ``train_epoch`` of warm-up, then one timed epoch of exactly ``steps`` batches."""
-    teacher = build_student(registry, TEACHER, {}, 1)
+    teacher = build_student(registry, TEACHER, {}, 1, num_classes=10)
     members = []
     for i in range(s.members):
-        st = build_student(registry, STUDENT, {}, 0)
+        st = build_student(registry, STUDENT, {}, 0, num_classes=10)
         members.append(Member(f"kd{i}", st, build_method(registry, METHOD, {}, st.info, teacher.info, 0)))
     recipe = Recipe(epochs=100_000, batch_size=s.batch_size, lr=LR, eval_batch_size=1000,
                     autocast="bf16" if s.amp is not None else "off")

@@ -40,7 +40,7 @@ def pack(source: str, dest: Path, parts: int, verify: bool = True) -> list[Path]
     if not 1 <= parts <= 26:
         raise ValueError("parts must be between 1 and 26")
     if verify:
-        from kdzoo.data import load_cifar10
+        from kdzoo_plugins.cifar10 import load_cifar10
 
         load_cifar10(source)  # raises unless every array matches CIFAR-10's fingerprints
     with np.load(source, allow_pickle=False) as f:

@@ -48,7 +48,7 @@ def airbench_data(workdir: Path, source: str) -> Path:
     import numpy as np
     import torch
 
-    from kdzoo.data import load_cifar10
+    from kdzoo_plugins.cifar10 import load_cifar10
 
     raw = load_cifar10(source)
     folder = workdir / "cifar10"

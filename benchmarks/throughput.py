@@ -15,7 +15,7 @@ Rows (images per second are medians over timed windows, after untimed warm-up wi
   the same five trained one after another (five ``Trainer``); the ratio is the cost of the
   cohort relative to the separate runs for the same images.
 * **P3** the engine against a minimal loop written here over the *same* tensor data path
-  (``CifarData.train_batches``), the same models, method, optimiser, memory format and autocast
+  (``Data.train_batches``), the same models, method, optimiser, memory format and autocast
   dtype: the engine's overhead.
 * **P4** the data path alone (``train_batches`` over one epoch) against DataLoader + PIL (best
   ``num_workers``) over a fixed number of batches.
@@ -58,7 +58,10 @@ from torch import nn
 
 from kdzoo import KDZooError
 from kdzoo.config import Recipe
-from kdzoo.data import CIFAR10_MEAN, CIFAR10_STD, CifarData, load_cifar10, prepare_data
+from kdzoo.data import Data, prepare_data
+from kdzoo_plugins.cifar10 import MEAN as CIFAR10_MEAN
+from kdzoo_plugins.cifar10 import STD as CIFAR10_STD
+from kdzoo_plugins.cifar10 import load_cifar10
 from kdzoo.engine import Member, Trainer, autocast_dtype, resolve_device
 from kdzoo.plugins import Registry, load_plugins
 from kdzoo.runner import build_method, build_student
@@ -191,14 +194,14 @@ def bench_recipe(batch_size: int, **kw: Any) -> Recipe:
 
 
 def make_member(registry: Registry, method: str, teacher: nn.Module | None, seed: int = SEED) -> Member:
-    student = build_student(registry, STUDENT, {}, seed)
+    student = build_student(registry, STUDENT, {}, seed, num_classes=10)
     info = teacher.info if teacher is not None else None
     return Member(method, student, build_method(registry, method, {}, student.info, info, seed))
 
 
 def make_teacher(registry: Registry) -> nn.Module:
     # Untrained but fixed: a teacher's weights do not change its speed.
-    return build_student(registry, TEACHER, {}, SEED + 1).eval().requires_grad_(False)
+    return build_student(registry, TEACHER, {}, SEED + 1, num_classes=10).eval().requires_grad_(False)
 
 
 def engine_runner(trainer: Trainer, members_per_image: int = 1) -> Callable[[int], float]:
@@ -230,7 +233,7 @@ def separate_runner(trainers: list[Trainer]) -> Callable[[int], float]:
     return run
 
 
-def minimal_runner(registry: Registry, data: CifarData, recipe: Recipe, device: torch.device) -> Callable[[int], float]:
+def minimal_runner(registry: Registry, data: Data, recipe: Recipe, device: torch.device) -> Callable[[int], float]:
     """The least code that trains the same student with the same method, memory format and autocast
     dtype as the engine under ``recipe``, on the same batches."""
     fmt = torch.channels_last if recipe.channels_last else torch.contiguous_format
@@ -261,7 +264,7 @@ def minimal_runner(registry: Registry, data: CifarData, recipe: Recipe, device: 
     return run
 
 
-def data_runner(data: CifarData, batch_size: int, device: torch.device) -> Callable[[int], float]:
+def data_runner(data: Data, batch_size: int, device: torch.device) -> Callable[[int], float]:
     def run(epoch: int) -> float:
         sync(device)
         t0, n = time.perf_counter(), 0
@@ -438,7 +441,7 @@ def run_benchmark(path: str, device: torch.device, s: Settings, only: tuple[str,
     B = s.batch_size
     recipe = bench_recipe(B)
     # A training subset of exactly one window of batches, so one train_epoch is one timed window.
-    window_data = prepare_data(path, train_size=s.window * B, test_size=10, device=device)
+    window_data = prepare_data(load_cifar10(path), train_size=s.window * B, test_size=10, device=device)
     rows: dict[str, Row] = {}
     extra: dict[str, Any] = {}
     loaders: dict[int, torch.utils.data.DataLoader] = {}
@@ -451,7 +454,7 @@ def run_benchmark(path: str, device: torch.device, s: Settings, only: tuple[str,
         runners: dict[str, Callable[[int], float]] = {}
         workers = None
         if "P1" in only:
-            anchor = AnchorKD(build_student(registry, STUDENT, {}, SEED).model, make_teacher(registry).model, device)
+            anchor = AnchorKD(build_student(registry, STUDENT, {}, SEED, num_classes=10).model, make_teacher(registry).model, device)
             say("choosing the DataLoader's num_workers for the anchor loop ...")
             pick = interleave({f"num_workers={w}": anchor.runner(ld, s.window) for w, ld in loaders.items()},
                               s.select_windows, s.warmup, mem)
@@ -522,7 +525,7 @@ def run_benchmark(path: str, device: torch.device, s: Settings, only: tuple[str,
     # -- P4: the data path alone ----------------------------------------------------------------
     if "P4" in only:
         say("P4: data path vs DataLoader+PIL ...")
-        data_full = prepare_data(path, train_size=s.data_images, test_size=10, device=device)
+        data_full = prepare_data(load_cifar10(path), train_size=s.data_images, test_size=10, device=device)
         runners = {"kdzoo": data_runner(data_full, B, device)}
         runners.update({f"num_workers={w}": anchor_data_runner(ld, s.anchor_data_steps, device)
                         for w, ld in loaders.items()})

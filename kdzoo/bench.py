@@ -21,7 +21,6 @@ import dataclasses
 import hashlib
 import itertools
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,14 +32,14 @@ import kdzoo
 from kdzoo import KDZooError
 from kdzoo.checkpoint import load_checkpoint, save_checkpoint
 from kdzoo.config import BenchConfig, Recipe, StudentSpec, TeacherSpec, parse
-from kdzoo.data import CifarData
+from kdzoo.data import Data, DataShape
 from kdzoo.engine import Member, Progress, Trainer, count_params, resolve_device
 from kdzoo.models import KDNet
-from kdzoo.plugins import Registry
+from kdzoo.plugins import NATIVE_FORMAT, Registry
 from kdzoo.records import (BenchRecord, BestEpoch, RecordError, RunRecord, Scores, TeacherRecord, TeacherRef,
                            load_record)
-from kdzoo.runner import (NUM_CLASSES, build_method, build_student, data_info, environment, load_data, load_teacher,
-                          save_run_checkpoint)
+from kdzoo.runner import (build_method, build_student, cache_dir, data_info, environment, foreign_formats_hint,
+                          load_data, load_teacher, pretrained_teacher, save_run_checkpoint)
 from kdzoo.store import Store, write_json
 
 BASELINE = "ce"
@@ -48,10 +47,6 @@ BASELINE = "ce"
 
 def _hash(obj: Any, n: int = 16) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("KDZOO_CACHE") or Path.home() / ".cache" / "kdzoo")
 
 
 @dataclass
@@ -73,6 +68,7 @@ class TeacherJob:
     recipe: Recipe
     checkpoint: str | None  # a user-supplied checkpoint instead of training
     provenance: dict[str, str] = field(default_factory=dict)  # plugin versions (and checkpoint hash) in the key
+    format: str = NATIVE_FORMAT  # the checkpoint's: kdzoo's own, or a plugin's (repdistiller, torchdistill, ...)
 
     @property
     def dir(self) -> Path:
@@ -108,7 +104,7 @@ class Cohort:
 @dataclass
 class Plan:
     bench: BenchConfig
-    data_fingerprint: str
+    data: DataShape
     teachers: list[TeacherJob]
     cohorts: list[Cohort]
     variants: list[Variant]
@@ -182,16 +178,43 @@ def file_sha256(path: str | Path) -> str:
 
 
 def provenance(registry: Registry, kind: str, name: str) -> str:
-    """``"dist version"`` of the plugin that registered ``name`` (a method or a model); hashed into run ids and
-    teacher keys so that upgrading a plugin never reuses results computed with the old one."""
-    owner = registry.owner.get((kind, name))
+    """``"dist version"`` of the plugin that registered ``name`` (a method, a model or a checkpoint format); hashed
+    into run ids and teacher keys so that upgrading a plugin never reuses results computed with the old one."""
+    owner = (registry.checkpoint_format_owner.get(name) if kind == "checkpoint_format"
+             else registry.owner.get((kind, name)))
     if owner is None:
         return "unregistered"  # validate() reports the unknown name with its place in the file
     info = registry.plugin(owner)
     return f"{info.dist} {info.version}"
 
 
-def expand(bench: BenchConfig, data_fingerprint: str, registry: Registry) -> Plan:
+def _resolve_checkpoint(t: TeacherSpec, i: int, data: DataShape, registry: Registry) -> TeacherSpec:
+    """Check a teacher's ``format`` and ``pretrained``; a pretrained teacher becomes a checkpoint teacher (the file its
+    plugin downloaded, or found, in ``$KDZOO_CACHE/pretrained``) in that format."""
+    if t.format != NATIVE_FORMAT:
+        try:
+            registry.checkpoint_format(t.format)
+        except KDZooError as e:
+            raise KDZooError(f"teachers[{i}].format: {e}") from e
+        if not t.checkpoint and not t.pretrained:
+            raise KDZooError(f"teachers[{i}] has `format: {t.format}` but no `checkpoint:` (the file to read) or "
+                             f"`pretrained: {t.format}` (published weights).")
+    if not t.pretrained:
+        return t
+    if t.checkpoint:
+        raise KDZooError(f"teachers[{i}] has both `checkpoint:` and `pretrained:`; give the file, or the source of "
+                         "published weights, not both.")
+    if t.format not in (NATIVE_FORMAT, t.pretrained):
+        raise KDZooError(f"teachers[{i}]: `pretrained: {t.pretrained}` weights are in {t.pretrained} format, not "
+                         f"`format: {t.format}`; remove `format:`.")
+    try:
+        path = pretrained_teacher(registry, t.pretrained, t.model, data.dataset)
+    except KDZooError as e:
+        raise KDZooError(f"teachers[{i}].pretrained: {e}") from e
+    return dataclasses.replace(t, checkpoint=str(path), format=t.pretrained, pretrained=None)
+
+
+def expand(bench: BenchConfig, data: DataShape, registry: Registry) -> Plan:
     """Expand a benchmark into teachers and cohorts. Builds no model; reads only a teacher checkpoint's bytes
     (its sha256 is part of the teacher's key, so overwriting the file is a different teacher)."""
     import timm
@@ -218,18 +241,26 @@ def expand(bench: BenchConfig, data_fingerprint: str, registry: Registry) -> Pla
     for i, t in enumerate(teacher_specs):
         recipe = _recipe(bench.recipe, bench.teacher_recipe, t.recipe, path=f"teachers[{i}].recipe")
         origin = {**versions, "model_plugin": provenance(registry, "model", t.model)}
+        t = _resolve_checkpoint(t, i, data, registry)
         if t.checkpoint:
             if not Path(t.checkpoint).is_file():
-                raise KDZooError(f"teachers[{i}].checkpoint: {t.checkpoint} does not exist. Pass the checkpoint.pt "
-                                 "written by `kdzoo train` (under its --out folder).")
+                what = ("the checkpoint.pt written by `kdzoo train` (under its --out folder)" if t.format == NATIVE_FORMAT
+                        else f"the path of a {t.format} teacher file")
+                raise KDZooError(f"teachers[{i}].checkpoint: {t.checkpoint} does not exist. Pass {what}.")
             origin["checkpoint_sha256"] = file_sha256(t.checkpoint)
-            key = "ckpt-" + _hash({"model": t.model, **origin})
+            if t.format == NATIVE_FORMAT:  # the file names its network, options and dataset
+                key = "ckpt-" + _hash({"model": t.model, **origin})
+            else:  # the file holds weights only: the network and the classes are the plan's
+                origin["checkpoint_format"] = t.format
+                origin["format_plugin"] = provenance(registry, "checkpoint_format", t.format)
+                key = "ckpt-" + _hash({"model": t.model, "options": t.options, "dataset": data.dataset,
+                                       "num_classes": data.num_classes, "image_size": list(data.image_size), **origin})
         else:
             key = _hash({"model": t.model, "options": t.options, "seed": t.seed, "recipe": dataclasses.asdict(recipe),
-                         "data": data_fingerprint, "num_classes": NUM_CLASSES, **origin})
+                         "data": data.fingerprint, "num_classes": data.num_classes, **origin})
         if t.model in teachers:
             raise KDZooError(f"teachers[{i}]: teacher '{t.model}' is listed twice; the table has one row per teacher → student pair.")
-        teachers[t.model] = TeacherJob(key, t.model, t.options, t.seed, recipe, t.checkpoint, origin)
+        teachers[t.model] = TeacherJob(key, t.model, t.options, t.seed, recipe, t.checkpoint, origin, format=t.format)
 
     students = {s.model: s for s in student_specs}
     if bench.pairs is None:
@@ -255,13 +286,13 @@ def expand(bench: BenchConfig, data_fingerprint: str, registry: Registry) -> Pla
                           "method_plugin": provenance(registry, "method", v.method)}
                 run_id = _hash({"teacher": teacher.key, "student": dataclasses.asdict(student), "method": v.method,
                                 "hparams": v.hparams, "seed": seed, "recipe": dataclasses.asdict(student_recipe),
-                                "data": data_fingerprint, **origin})
+                                "data": data.fingerprint, **origin})
                 runs.append(RunSpec(run_id, v, seed, origin))
             groups = [runs] if bench.cohorts else [[r] for r in runs]
             for group in groups:
                 cohort_id = _hash({"runs": [r.run_id for r in group]})
                 cohorts.append(Cohort(cohort_id, teacher, student, seed, student_recipe, group))
-    return Plan(bench, data_fingerprint, list(teachers.values()), cohorts, variants, pairs)
+    return Plan(bench, data, list(teachers.values()), cohorts, variants, pairs)
 
 
 # -- validation --------------------------------------------------------------------------------
@@ -274,32 +305,46 @@ def validate(plan: Plan, registry: Registry) -> dict[str, int]:
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    from kdzoo.data import train_batch_sizes, train_set_size
+    from kdzoo.data import train_batch_sizes
     from kdzoo.engine import preflight
 
+    shape = plan.data
     nets: dict[str, KDNet] = {}
 
     def net(model: str, options: dict[str, Any], path: str) -> KDNet:
         if model not in nets:
             try:
-                nets[model] = KDNet(registry.create_model(model, num_classes=NUM_CLASSES, **options)).eval()
+                nets[model] = KDNet(registry.create_model(model, num_classes=shape.num_classes, **options),
+                                    input_size=shape.image_size).eval()
             except KDZooError as e:
                 raise KDZooError(f"{path}: {e}") from e
         return nets[model]
 
     flops: dict[str, int] = {}
-    x = torch.randn(1, 3, 32, 32)
-    n_train = train_set_size(plan.bench.data.train_size, plan.bench.data.val_size)
+    x = torch.randn(1, 3, *shape.image_size)
+    n_train = shape.n_train
     for i, t in enumerate(plan.teachers):
-        if t.checkpoint:  # fails early with a clear message if unreadable or of another model
-            found = load_checkpoint(t.checkpoint)["model"]
+        if t.checkpoint and t.format != NATIVE_FORMAT:  # read and convert now: every error before training
+            try:
+                _load_job_teacher(t, registry, shape)
+            except KDZooError as e:
+                raise KDZooError(f"teachers[{i}] ({t.model}, {t.format} checkpoint): {e}") from e
+        elif t.checkpoint:  # fails early with a clear message if unreadable, of another model or dataset
+            ckpt = load_checkpoint(t.checkpoint, hint=foreign_formats_hint(registry))
+            found = ckpt["model"]
+            trained_on = ckpt.get("meta", {}).get("dataset", "cifar10")
+            if trained_on != shape.dataset:
+                raise KDZooError(f"teachers[{i}]: the checkpoint {t.checkpoint} was trained on '{trained_on}', but "
+                                 f"this benchmark uses '{shape.dataset}' (data.dataset). Use a teacher trained on "
+                                 f"'{shape.dataset}', or remove `checkpoint:` to train one.")
             if found != t.model:
                 raise KDZooError(f"teachers[{i}]: the checkpoint {t.checkpoint} holds a '{found}', not a "
                                  f"'{t.model}'. Set `model: {found}` or point to the right checkpoint.")
         teacher_net = net(t.model, t.options, f"teachers[{i}]")
         if not t.checkpoint:  # it trains with the baseline at its own recipe's batch size
             try:
-                preflight(teacher_net, None, None, train_batch_sizes(n_train, t.recipe.batch_size), model=t.model)
+                preflight(teacher_net, None, None, train_batch_sizes(n_train, t.recipe.batch_size), model=t.model,
+                          input_size=shape.image_size)
             except KDZooError as e:
                 raise KDZooError(f"teachers[{i}] ({t.model}, batch_size {t.recipe.batch_size}): {e}") from e
     same_run: dict[str, Variant] = {}  # method + hyperparameters with defaults applied -> first variant
@@ -317,14 +362,14 @@ def validate(plan: Plan, registry: Registry) -> dict[str, int]:
                 student(x)
             flops[s_name] = counter.get_total_flops()
             try:
-                preflight(student, None, None, sizes, model=s_name)
+                preflight(student, None, None, sizes, model=s_name, input_size=shape.image_size)
             except KDZooError as e:
                 raise KDZooError(f"students ({s_name}, batch_size {cohort.recipe.batch_size}): {e}") from e
         for v in plan.variants:
             where = f"{v.path} ({v.label}) with teacher {t_name} → student {s_name}"
             try:
                 method = build_method(registry, v.method, v.hparams, student.info, teacher.info, 0)
-                preflight(student, method, teacher, sizes, model=s_name)
+                preflight(student, method, teacher, sizes, model=s_name, input_size=shape.image_size)
             except KDZooError as e:
                 raise KDZooError(f"{where}: {e}") from e
             except Exception as e:
@@ -351,7 +396,7 @@ class Context:
     """What every executor gets: where the data, plugins and results are, and how to report progress."""
 
     plan: Plan
-    data: CifarData
+    data: Data
     registry: Registry
     store: Store
     device: torch.device
@@ -413,13 +458,32 @@ def _scores(result: dict[str, Any]) -> dict[str, Any]:
             "best": BestEpoch(**result["best"]) if result.get("best") else None}
 
 
+def _load_job_teacher(job: TeacherJob, registry: Registry, data: Data | DataShape) -> tuple[KDNet, dict[str, Any]]:
+    """The frozen teacher of a checkpoint (or trained and cached) teacher job, through ``runner.load_teacher``."""
+    return load_teacher(registry, job.checkpoint_path, dataset=data.dataset, format=job.format, model=job.model,
+                        options=job.options, num_classes=data.num_classes, image_size=data.image_size)
+
+
+@torch.inference_mode()
+def _test_metrics(net: KDNet, data: Data, device: torch.device) -> dict[str, float]:
+    """A frozen network's test metrics (float32), as ``kdzoo.metrics.classification_metrics`` gives them."""
+    from kdzoo.metrics import classification_metrics
+
+    net.to(device)
+    logits = torch.cat([net(x).logits.float() for x, _ in data.eval_batches("test")])
+    return classification_metrics(logits, data.test_y)
+
+
 def ensure_teacher(job: TeacherJob, ctx: Context) -> TeacherRecord:
     """Train (or reuse) a teacher; return its record (also written into the store)."""
     run_id = f"teacher-{job.key}"
     if job.checkpoint:
-        net, ckpt = load_teacher(ctx.registry, job.checkpoint)
+        net, ckpt = _load_job_teacher(job, ctx.registry, ctx.data)
         meta = ckpt.get("meta", {})
         last = Scores(top1=float(meta["top1"])) if isinstance(meta.get("top1"), (int, float)) else None
+        if job.format != NATIVE_FORMAT:  # a foreign file records no accuracy on this data: measure it on the test split
+            ctx.say("teacher", f"{job.model}: {job.format} checkpoint, measuring its test accuracy")
+            last = Scores(**_test_metrics(net, ctx.data, ctx.device))
         record = TeacherRecord(run_id=run_id, key=job.key, model=job.model, seed=job.seed, status="ok",
                                source="checkpoint", checkpoint=job.checkpoint, params=count_params(net), last=last,
                                provenance=job.provenance)
@@ -428,7 +492,8 @@ def ensure_teacher(job: TeacherJob, ctx: Context) -> TeacherRecord:
         record = cached
     else:
         ctx.say("teacher", f"{job.model}: training ({job.recipe.epochs} epochs)")
-        student = build_student(ctx.registry, job.model, job.options, job.seed)
+        student = build_student(ctx.registry, job.model, job.options, job.seed, ctx.data.num_classes,
+                                ctx.data.image_size)
         method = build_method(ctx.registry, BASELINE, {}, student.info, None, job.seed)
         member = Member(f"teacher {job.model}", student, method)
         trainer = Trainer([member], ctx.data, job.recipe, seed=job.seed, device=ctx.device, progress=ctx.progress)
@@ -461,10 +526,11 @@ def run_cohort(cohort: Cohort, teacher: TeacherRecord, ctx: Context) -> None:
             ctx.store.write_run(RunRecord(**common, **identity[run.run_id], status="failed",
                                           error=f"teacher {cohort.teacher.model} failed: {teacher.error}"))
         return
-    teacher_net, _ = load_teacher(ctx.registry, cohort.teacher.checkpoint_path)
+    teacher_net, _ = _load_job_teacher(cohort.teacher, ctx.registry, ctx.data)
     members = []
     for run in cohort.runs:
-        student = build_student(ctx.registry, cohort.student.model, cohort.student.options, cohort.seed)
+        student = build_student(ctx.registry, cohort.student.model, cohort.student.options, cohort.seed,
+                                ctx.data.num_classes, ctx.data.image_size)
         method = build_method(ctx.registry, run.variant.method, run.variant.hparams, student.info, teacher_net.info,
                               cohort.seed)
         members.append(Member(run.variant.label, student, method,
@@ -484,19 +550,19 @@ def run_cohort(cohort: Cohort, teacher: TeacherRecord, ctx: Context) -> None:
     state_path.unlink(missing_ok=True)
 
 
-def budget(plan: Plan, data: CifarData) -> str:
+def budget(plan: Plan, data: Data) -> str:
     r = plan.cohorts[0].recipe if plan.cohorts else plan.bench.recipe
-    return (f"{r.epochs} student epochs ({r.schedule}, lr {r.lr}, batch {r.batch_size}), "
+    return (f"{data.dataset}: {r.epochs} student epochs ({r.schedule}, lr {r.lr}, batch {r.batch_size}), "
             f"{len(data.train_y):,} train / {len(data.test_y):,} test images")
 
 
-def bench_summary(plan: Plan, data: CifarData) -> BenchRecord:
+def bench_summary(plan: Plan, data: Data) -> BenchRecord:
     """What ``bench.json`` holds: enough for ``kdzoo report`` to render without the YAML."""
     ref = dataclasses.asdict(plan.bench.reference) if plan.bench.reference else None
     return BenchRecord(name=plan.bench.name, description=plan.bench.description, budget=budget(plan, data),
                        columns=[v.label for v in plan.variants], pairs=[list(p) for p in plan.pairs],
                        seeds=list(plan.bench.seeds), reference=ref, run_ids=[r.run_id for r in plan.runs],
-                       teachers={t.model: t.key for t in plan.teachers}, data_fingerprint=plan.data_fingerprint,
+                       teachers={t.model: t.key for t in plan.teachers}, data_fingerprint=plan.data.fingerprint,
                        config=dataclasses.asdict(plan.bench), kdzoo=kdzoo.__version__)
 
 
@@ -526,7 +592,7 @@ class Outcome:
     set_aside: list[Path]
 
 
-def run_plan(plan: Plan, data: CifarData, registry: Registry, store: Store, device: torch.device,
+def run_plan(plan: Plan, data: Data, registry: Registry, store: Store, device: torch.device,
              progress: Progress | None = None, say: Hook | None = None,
              executor: Executor = run_local) -> Outcome:
     """Execute the plan with ``executor``, skipping what the store already holds.
@@ -562,13 +628,13 @@ def prepare(path: str | Path, registry: Registry, device: str | None = None, coh
     if data_source is not None:
         bench.data.source = data_source
     dev = resolve_device(device or bench.device)
-    data = load_data(bench.data, dev)
-    plan = expand(bench, data.fingerprint, registry)
+    data = load_data(registry, bench.data, dev)
+    plan = expand(bench, data.shape(), registry)
     plan.flops = validate(plan, registry)
     return plan, data, dev
 
 
-def estimate_seconds(plan: Plan, data: CifarData, registry: Registry, device: torch.device, steps: int = 2) -> float:
+def estimate_seconds(plan: Plan, data: Data, registry: Registry, device: torch.device, steps: int = 2) -> float:
     """A rough time estimate from a short measured probe: a few training steps of each distinct cohort shape."""
     probes: dict[tuple, float] = {}
     total = 0.0
@@ -586,22 +652,24 @@ def estimate_seconds(plan: Plan, data: CifarData, registry: Registry, device: to
             if c.teacher.model not in teachers:
                 torch.manual_seed(0)
                 teachers[c.teacher.model] = KDNet(
-                    registry.create_model(c.teacher.model, num_classes=NUM_CLASSES, **c.teacher.options))
+                    registry.create_model(c.teacher.model, num_classes=data.num_classes, **c.teacher.options),
+                    input_size=data.image_size)
             probes[key] = _probe(registry, data, c.student.model, c.student.options, [r.variant for r in c.runs],
                                  teachers[c.teacher.model], device, c.recipe, steps)
         total += probes[key] * len(data.train_y) * c.recipe.epochs
     return total * 1.1  # evaluation adds roughly a tenth
 
 
-def _probe(registry: Registry, data: CifarData, model: str, options: dict[str, Any], variants: list[Variant],
+def _probe(registry: Registry, data: Data, model: str, options: dict[str, Any], variants: list[Variant],
            teacher: KDNet | None, device: torch.device, recipe: Recipe, steps: int) -> float:
     """Seconds per training image of one cohort shape: the second of two short epochs on a few real
     batches (the first one pays for warm-up)."""
     n = min(len(data.train_y), recipe.batch_size * steps)
-    probe_data = CifarData(data.train_x[:n], data.train_y[:n], data.test_x[:2], data.test_y[:2])
+    probe_data = Data(data.train_x[:n], data.train_y[:n], data.test_x[:2], data.test_y[:2],
+                      class_names=data.class_names, mean=data.mean, std=data.std, pad=data.pad, flip=data.flip)
     members = []
     for v in variants or [Variant(BASELINE, BASELINE, {}, "")]:
-        student = build_student(registry, model, options, 0)
+        student = build_student(registry, model, options, 0, data.num_classes, data.image_size)
         method = build_method(registry, v.method, v.hparams, student.info, teacher.info if teacher else None, 0)
         members.append(Member(v.label, student, method))
     # a constant schedule: the recipe's milestones lie beyond the probe's 2 epochs (and the lr does not change speed)

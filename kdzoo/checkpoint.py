@@ -5,6 +5,9 @@ A checkpoint is a dict of tensors and plain Python values::
     {"format": "kdzoo.checkpoint/1", "model": "resnet20", "model_options": {...},
      "num_classes": 10, "state_dict": {...}, "method": "fitnets", "hparams": {...},
      "method_state": {...}, "meta": {...}}
+
+``load_payload`` reads any PyTorch file the same safe way (a teacher written by another code base, which a
+checkpoint-format plugin then converts: see ``kdzoo.runner.load_teacher``).
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import pickle
 import re
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -102,32 +106,64 @@ def _refused_objects(message: str) -> str | None:
     return operand.group(0).strip() if operand else "objects other than tensors and plain values"
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a kdzoo checkpoint safely; ``KDZooError`` for a missing, corrupt or foreign file."""
+@dataclass(frozen=True)
+class Remedies:
+    """What an error of :func:`load_payload` tells the user to do, by kind of file."""
+
+    missing: str  # the file does not exist
+    recreate: str  # it is truncated or corrupt: "re-create it with ..."
+    holds: str  # the sentence on what such a file holds, before "and kdzoo loads nothing else"
+    refused: str  # it holds code or objects: what to use instead
+
+
+KDZOO_REMEDIES = Remedies(
+    missing="Pass the checkpoint.pt written by `kdzoo train` (under its --out folder).",
+    recreate="re-create it with `kdzoo train`",
+    holds="A kdzoo checkpoint holds only tensors and plain Python values",
+    refused="Use a checkpoint written by `kdzoo train` or `kdzoo distill`; if the file is your own, save only "
+            "tensors and plain values in it.",
+)
+
+
+def load_payload(path: str | Path, map_location: str | torch.device = "cpu",
+                 remedies: Remedies = KDZOO_REMEDIES) -> Any:
+    """``torch.load(path, weights_only=True)``: tensors and plain Python values only, never code. A missing,
+    corrupt or non-PyTorch file, or one holding other objects (named, never loaded), is a ``KDZooError``
+    whose fix is taken from ``remedies``."""
     path = Path(path)
     if not path.is_file():
-        raise KDZooError(f"Checkpoint {path} does not exist. Pass the checkpoint.pt written by `kdzoo train` (under its --out folder).")
+        raise KDZooError(f"Checkpoint {path} does not exist. {remedies.missing}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         refused = _refused_objects(str(e))
         if refused is None:
             raise KDZooError(f"Checkpoint {path} cannot be read (UnpicklingError: {_first_line(e)}). It is truncated "
-                             "or corrupt; re-create it with `kdzoo train`.") from e
+                             f"or corrupt; {remedies.recreate}.") from e
         raise KDZooError(
-            f"Checkpoint {path} contains code or objects that kdzoo will not load: {refused}. A kdzoo checkpoint "
-            "holds only tensors and plain Python values, and kdzoo loads nothing else, because unpickling other "
-            "objects can run arbitrary code (nothing from this file was run). Use a checkpoint written by "
-            "`kdzoo train` or `kdzoo distill`; if the file is your own, save only tensors and plain values in it."
+            f"Checkpoint {path} contains code or objects that kdzoo will not load: {refused}. {remedies.holds}, and "
+            "kdzoo loads nothing else, because unpickling other objects can run arbitrary code (nothing from this "
+            f"file was run). {remedies.refused}"
         ) from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         raise KDZooError(
             f"Checkpoint {path} cannot be read ({type(e).__name__}: {_first_line(e)}). "
-            "It is truncated, corrupt, or not a PyTorch file; re-create it with `kdzoo train`."
+            f"It is truncated, corrupt, or not a PyTorch file; {remedies.recreate}."
         ) from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+
+
+def is_kdzoo_checkpoint(payload: Any) -> bool:
+    """Whether a loaded file is a kdzoo checkpoint (it carries ``format: kdzoo.checkpoint/1``)."""
+    return isinstance(payload, dict) and payload.get("format") == FORMAT
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", hint: str = "") -> dict[str, Any]:
+    """Load a kdzoo checkpoint safely; ``KDZooError`` for a missing, corrupt or foreign file (``hint`` ends the
+    message of a PyTorch file that is not a kdzoo checkpoint)."""
+    ckpt = load_payload(path, map_location)
+    if not is_kdzoo_checkpoint(ckpt):
         raise KDZooError(
-            f"{path} is a PyTorch file but not a kdzoo checkpoint (no format '{FORMAT}'). "
-            "Use a checkpoint written by `kdzoo train` or `kdzoo distill`."
+            f"{Path(path)} is a PyTorch file but not a kdzoo checkpoint (no format '{FORMAT}'). "
+            "Use a checkpoint written by `kdzoo train` or `kdzoo distill`." + (f" {hint}" if hint else "")
         )
     return ckpt

@@ -29,8 +29,10 @@ err_console = Console(stderr=True)
 # CLI option → (section, key) in the config mapping; section None = top level.
 RUN_OPTIONS: dict[str, tuple[str | None, str]] = {
     "model": (None, "model"), "method": (None, "method"), "teacher": (None, "teacher"), "seed": (None, "seed"),
+    "teacher_format": (None, "teacher_format"), "teacher_model": (None, "teacher_model"),
+    "teacher_pretrained": (None, "teacher_pretrained"),
     "device": (None, "device"), "out": (None, "out"),
-    "data": ("data", "source"), "data_root": ("data", "root"), "train_size": ("data", "train_size"),
+    "dataset": ("data", "dataset"), "data": ("data", "source"), "data_root": ("data", "root"), "train_size": ("data", "train_size"),
     "test_size": ("data", "test_size"), "val_size": ("data", "val_size"),
     "epochs": ("recipe", "epochs"), "batch_size": ("recipe", "batch_size"), "lr": ("recipe", "lr"),
     "schedule": ("recipe", "schedule"), "weight_decay": ("recipe", "weight_decay"),
@@ -51,7 +53,14 @@ def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
 def _run_options(parser: argparse.ArgumentParser, distill: bool) -> None:
     parser.add_argument("--config", metavar="FILE", help="YAML file with any of the options below (CLI wins)")
     if distill:
-        parser.add_argument("--teacher", metavar="CKPT", help="teacher checkpoint from `kdzoo train`")
+        parser.add_argument("--teacher", metavar="CKPT", help="teacher checkpoint from `kdzoo train` (or another "
+                            "code base's: --teacher-format)")
+        parser.add_argument("--teacher-format", metavar="FORMAT", help="format of --teacher: kdzoo (default), or one "
+                            "a plugin reads, e.g. repdistiller, mdistiller, torchdistill")
+        parser.add_argument("--teacher-model", metavar="MODEL", help="the kdzoo network a foreign --teacher holds, "
+                            "e.g. resnet56 (a kdzoo checkpoint names its own)")
+        parser.add_argument("--teacher-pretrained", metavar="SOURCE", help="instead of --teacher: published weights "
+                            "of --teacher-model, downloaded into $KDZOO_CACHE (e.g. torchdistill, CIFAR-10)")
         parser.add_argument("--student", dest="model", metavar="MODEL", help="student backbone, e.g. resnet8x4")
         parser.add_argument("--method", help="distillation method (default: kd); see `kdzoo methods`")
     else:
@@ -70,8 +79,11 @@ def _run_options(parser: argparse.ArgumentParser, distill: bool) -> None:
     parser.add_argument("--train-size", type=int, help="stratified training subset (default: all 50,000)")
     parser.add_argument("--test-size", type=int, help="stratified test subset (default: all 10,000)")
     parser.add_argument("--val-size", type=int, help="validation images held out of the training set")
-    parser.add_argument("--data", metavar="SOURCE", help="auto, torchvision, or a path to cifar10.npz (default: $KDZOO_DATA, else torchvision)")
-    parser.add_argument("--data-root", help="torchvision download folder (default: ~/.cache/kdzoo)")
+    parser.add_argument("--dataset", help="dataset to train on (default: cifar10); see `kdzoo datasets`")
+    parser.add_argument("--data-option", dest="data_options", action="append", default=[], metavar="KEY=VALUE",
+                        help="dataset option, e.g. --data-option path=my_images (repeatable)")
+    parser.add_argument("--data", metavar="SOURCE", help="auto, download, or a path (cifar10: auto = $KDZOO_DATA, else torchvision)")
+    parser.add_argument("--data-root", help="download/cache folder (default: $KDZOO_CACHE or ~/.cache/kdzoo)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--out", metavar="DIR", help="output folder for checkpoint.pt and metrics.json")
@@ -91,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("plugins", "list plugins with their distribution, version, registrations and errors")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     add("methods", "list distillation methods with their needs and default hyperparameters")
+    add("datasets", "list datasets with their sizes, options and whether they are available here")
     p = add("models", "list registered backbones")
     p.add_argument("pattern", nargs="?", help="glob pattern, e.g. 'resnet*'")
     _run_options(add("train", "train a network with cross-entropy (a teacher, or a baseline)"), distill=False)
@@ -137,6 +150,9 @@ def run_config(args: argparse.Namespace, command: str) -> RunConfig:
     for field_name, pairs in (("hparams", args.hparams), ("model_options", args.model_options)):
         if pairs:
             mapping[field_name] = {**mapping.get(field_name, {}), **dict(parse_assignment(p) for p in pairs)}
+    if args.data_options:
+        data = mapping.setdefault("data", {})
+        data["options"] = {**(data.get("options") or {}), **dict(parse_assignment(p) for p in args.data_options)}
     cfg = parse(RunConfig, mapping)
     if not cfg.model:
         flag = "--student" if command == "distill" else "--model"
@@ -151,13 +167,17 @@ def cmd_plugins(args: argparse.Namespace, registry: Registry) -> None:
         print(json.dumps([vars(p) | {"status": p.status} for p in registry.plugins], indent=1))
         return
     table = Table(title="kdzoo plugins")
-    for col in ("plugin", "distribution", "version", "status", "methods", "models"):
-        table.add_column(col)
+    for col in ("plugin", "distribution", "version", "status", "provides"):
+        table.add_column(col, overflow="fold")
     for p in registry.plugins:
         models = [(", ".join(p.models) if len(p.models) <= 3 else f"{len(p.models)} (see `kdzoo models`)")] if p.models else []
         models += [f"{family} (listed on use: `kdzoo models`)" for family in p.model_families]
+        provides = [f"{kind}: {text}" for kind, text in (
+            ("methods", ", ".join(p.methods)), ("models", "; ".join(models)), ("datasets", ", ".join(p.datasets)),
+            ("checkpoint formats", ", ".join(p.checkpoint_formats)),
+        ) if text]
         status = {"ok": "[green]ok[/]", "disabled": "[yellow]disabled[/]"}.get(p.status, f"[red]broken[/]: {p.error}")
-        table.add_row(p.name, p.dist, p.version, status, ", ".join(p.methods), "; ".join(models))
+        table.add_row(p.name, p.dist, p.version, status, escape("\n".join(provides)))
     console.print(table)
 
 
@@ -170,6 +190,24 @@ def cmd_methods(args: argparse.Namespace, registry: Registry) -> None:
                                 ("embedding", cls.needs_embedding)) if f]
         defaults = ", ".join(f"{k}={v}" for k, v in cls.defaults.items())
         table.add_row(name, registry.owner[("method", name)], ", ".join(needs) or "-", defaults)
+    console.print(table)
+
+
+def cmd_datasets(args: argparse.Namespace, registry: Registry) -> None:
+    from kdzoo.runner import cache_dir
+
+    table = Table(title="kdzoo datasets")
+    for col in ("dataset", "plugin", "size", "options", "here (source auto)"):
+        table.add_column(col)
+    for name, cls in sorted(registry.datasets.items()):
+        try:
+            found = cls().locate("auto", cache_dir())
+        except KDZooError as e:  # a dataset that needs options (a folder's path) cannot say without them
+            found = None if "option" not in str(e) else "(give its options)"
+        where = found or "[yellow]not found[/] (downloads on first use where it can)"
+        options = ", ".join(f"{k}={v}" for k, v in cls.defaults.items()) or "-"
+        size = (cls().sizes() if not cls.defaults else "") or cls.description
+        table.add_row(name, registry.dataset_owner[name], size, options, escape(where) if found else where)
     console.print(table)
 
 
@@ -247,7 +285,8 @@ def show_plan(plan: Plan, store: Store) -> None:
     for col in ("teacher", "status"):
         table.add_column(col)
     for t in plan.teachers:
-        status = {"checkpoint": f"checkpoint {t.checkpoint}", "train": f"train {t.recipe.epochs} epochs",
+        fmt = f" ({t.format} format)" if t.format != "kdzoo" else ""
+        status = {"checkpoint": f"checkpoint {t.checkpoint}{fmt}", "train": f"train {t.recipe.epochs} epochs",
                   "cached": f"cached ({t.dir})"}[teacher_status(t)]
         table.add_row(t.model, status)
     console.print(table)
@@ -291,7 +330,7 @@ def cmd_new_plugin(args: argparse.Namespace, registry: Registry) -> None:
                   markup=False, highlight=False, soft_wrap=True)
 
 
-COMMANDS = {"plugins": cmd_plugins, "methods": cmd_methods, "models": cmd_models, "train": cmd_run, "distill": cmd_run,
+COMMANDS = {"plugins": cmd_plugins, "methods": cmd_methods, "datasets": cmd_datasets, "models": cmd_models, "train": cmd_run, "distill": cmd_run,
             "bench": cmd_bench, "report": cmd_report, "new-plugin": cmd_new_plugin}
 
 

@@ -24,10 +24,12 @@ T = TypeVar("T")
 
 @dataclass
 class DataConfig:
-    """Where CIFAR-10 comes from and which part of it is used."""
+    """Which dataset (a plugin: `kdzoo datasets`), where it comes from, and which part of it is used."""
 
-    source: str = "auto"  # "auto" (KDZOO_DATA, else torchvision), "torchvision", or a path to an .npz
-    root: str | None = None  # torchvision download/cache folder (default: $KDZOO_CACHE or ~/.cache/kdzoo)
+    dataset: str = "cifar10"
+    options: dict[str, Any] = field(default_factory=dict)  # the dataset plugin's own options
+    source: str = "auto"  # "auto" (the dataset's default, e.g. KDZOO_DATA for cifar10), "download", or a path
+    root: str | None = None  # download/cache folder (default: $KDZOO_CACHE or ~/.cache/kdzoo)
     train_size: int | None = None  # stratified, seeded subset; None = all 50,000
     test_size: int | None = None  # None = all 10,000
     val_size: int = 0  # held out of the training set, stratified
@@ -101,7 +103,10 @@ class RunConfig:
     model_options: dict[str, Any] = field(default_factory=dict)
     method: str = "ce"
     hparams: dict[str, Any] = field(default_factory=dict)
-    teacher: str | None = None  # a kdzoo checkpoint
+    teacher: str | None = None  # a teacher checkpoint: kdzoo's (`kdzoo train`), or another format (teacher_format)
+    teacher_format: str = "kdzoo"  # "kdzoo", or a format from a plugin (repdistiller, mdistiller, torchdistill)
+    teacher_model: str | None = None  # the kdzoo network of a foreign checkpoint (a kdzoo one records its own)
+    teacher_pretrained: str | None = None  # instead of `teacher`: published weights (e.g. torchdistill) of teacher_model
     seed: int = 0
     device: str = "auto"  # "auto" = cuda if available, else cpu
     out: str = "runs/latest"
@@ -220,11 +225,15 @@ def parse_assignment(text: str) -> tuple[str, Any]:
 
 @dataclass
 class TeacherSpec:
-    """A benchmark teacher: a model trained with the teacher recipe, or a kdzoo checkpoint."""
+    """A benchmark teacher: a model trained with the teacher recipe, a checkpoint (kdzoo's, or in a ``format``
+    that a plugin reads: repdistiller, mdistiller, torchdistill), or the ``pretrained`` weights that such a
+    format's plugin publishes (``pretrained: torchdistill``)."""
 
     model: str = ""
     options: dict[str, Any] = field(default_factory=dict)
     checkpoint: str | None = None
+    format: str = "kdzoo"  # the checkpoint's format: kdzoo's own, or a registered one (`kdzoo plugins --json`)
+    pretrained: str | None = None  # a format whose plugin downloads published weights of `model` (no checkpoint:)
     seed: int = 0
     recipe: dict[str, Any] = field(default_factory=dict)  # overrides on top of recipe + teacher_recipe
 
@@ -253,7 +262,7 @@ class Reference:
 
 @dataclass
 class BenchConfig:
-    """A benchmark file: teachers × students × methods × seeds on CIFAR-10.
+    """A benchmark file: teachers × students × methods × seeds on one dataset (``data.dataset``).
 
     ``teachers`` and ``students`` entries may be a model name or a mapping; ``methods`` entries
     may be a name or a mapping with ``name`` plus hyperparameters, where a list value is a

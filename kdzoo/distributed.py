@@ -31,10 +31,11 @@ def _task(kind: str, plan: Plan, item: TeacherJob | Cohort, teacher: TeacherReco
     torch.set_num_threads(threads)  # as many as Ray granted: oversubscribed CPUs slow training tenfold
     registry = load_plugins(disable=disabled)
     device = resolve_device("auto")
-    data = load_data(plan.bench.data, device)
-    if data.fingerprint != plan.data_fingerprint:
-        raise KDZooError(f"A Ray worker sees different CIFAR-10 data than the driver ({data.fingerprint[:12]} vs "
-                         f"{plan.data_fingerprint[:12]}). Point KDZOO_DATA at the same file on every node.")
+    data = load_data(registry, plan.bench.data, device)
+    if data.fingerprint != plan.data.fingerprint:
+        raise KDZooError(f"A Ray worker sees different {plan.data.dataset} data than the driver "
+                         f"({data.fingerprint[:12]} vs {plan.data.fingerprint[:12]}). Point every node at the same "
+                         "data (KDZOO_DATA, or the benchmark's data.source).")
     ctx = Context(plan, data, registry, Store(root), device, Progress(), lambda e, d: None)
     if kind == "teacher":
         return ensure_teacher(item, ctx)

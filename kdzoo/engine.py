@@ -25,7 +25,7 @@ from torch import nn
 
 from kdzoo import KDZooError
 from kdzoo.config import Recipe
-from kdzoo.data import CifarData
+from kdzoo.data import Data
 from kdzoo.methods import Method
 from kdzoo.metrics import classification_metrics
 from kdzoo.models import KDNet, Outputs
@@ -298,7 +298,7 @@ class Trainer:
     def __init__(
         self,
         members: list[Member],
-        data: CifarData,
+        data: Data,
         recipe: Recipe,
         *,
         teacher: KDNet | None = None,

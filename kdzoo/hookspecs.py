@@ -44,3 +44,34 @@ def register_models(register):
     registration also has is an error naming both plugins when that name is used. Keep the hook
     and the module that defines it free of heavy imports: do them inside the two callables.
     """
+
+
+@hookspec
+def register_datasets(register):
+    """Register datasets.
+
+    ``register(dataset_class, name=None)``: ``dataset_class`` is a subclass of
+    :class:`kdzoo.datasets.Dataset`; ``name`` defaults to ``dataset_class.name``. Keep the module
+    light: a dataset class imports what it reads with inside ``load``.
+    """
+
+
+@hookspec
+def register_checkpoint_formats(register):
+    """Register readers of teacher checkpoints written by other code bases.
+
+    ``register(name, convert, pretrained=None)``: ``name`` is what ``format:`` (a benchmark teacher)
+    and ``--teacher-format`` (``kdzoo distill``) say; ``kdzoo`` is kdzoo's own format and cannot be
+    registered. ``convert(model_name, payload)`` receives the kdzoo model name the user gave and the
+    file as ``torch.load(path, map_location="cpu", weights_only=True)`` returned it (kdzoo reads the
+    file; a converter never does), and returns the ``dict[str, Tensor]`` state dict of that kdzoo
+    network: every key, every shape. kdzoo builds the network with the run's number of classes and
+    checks the result key by key before loading it, so a converter renames and never guesses. It
+    raises :class:`kdzoo.KDZooError` for a model the format cannot map (saying which models it
+    supports) or a payload that is not of its format.
+
+    ``pretrained(model_name, dataset, folder)``, optional, makes ``pretrained: NAME`` work: it returns
+    the path of the published weights of ``model_name`` for ``dataset``, downloading them into
+    ``folder`` (``$KDZOO_CACHE/pretrained/NAME``) when they are not there, and raises ``KDZooError``
+    when there are none or they cannot be fetched (offline: say where to put the file by hand).
+    """

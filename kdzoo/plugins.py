@@ -14,6 +14,8 @@ and tools can load different plugin sets side by side.
 * ``KDZOO_LOAD_PLUGINS=a,b`` loads only those entry points (empty: none), and
   ``KDZOO_DISABLE_PLUGINS=a,b`` or ``disable=[...]`` (the CLI's ``-p no:NAME``) turns some off.
   A plugin is matched by entry-point name or distribution name.
+* Checkpoint formats (``register_checkpoint_formats``) are collected like methods: a name that two plugins
+  register breaks the later plugin, and ``kdzoo`` (kdzoo's own format) cannot be registered.
 * Model names registered with ``register.family(...)`` are listed only when a model is first
   looked up or listed (``Registry.models``), so commands that need only methods never import
   timm; a family name that another plugin also registers is reported when it is used.
@@ -36,6 +38,7 @@ from kdzoo.errors import suggest
 if TYPE_CHECKING:  # torch is imported by load_plugins(), never by importing this module
     from torch import nn
 
+    from kdzoo.datasets import Dataset
     from kdzoo.methods import Method
 
 ModelFactory = Callable[..., "nn.Module"]
@@ -56,6 +59,8 @@ class PluginInfo:
     source: str  # "builtin" or the entry point's "module:attr"
     methods: list[str] = field(default_factory=list)
     models: list[str] = field(default_factory=list)  # names registered with register(name, factory)
+    datasets: list[str] = field(default_factory=list)
+    checkpoint_formats: list[str] = field(default_factory=list)
     model_families: list[str] = field(default_factory=list)  # descriptions of register.family(...) families
     error: str | None = None
     disabled: bool = False
@@ -191,6 +196,21 @@ class ModelTable(Mapping[str, ModelFactory]):
         return f"<ModelTable: {len(self._eager)} registered, {len(self._families)} families; {state}>"
 
 
+@dataclass(frozen=True)
+class CheckpointFormat:
+    """A foreign teacher-checkpoint format from ``register_checkpoint_formats``: ``convert(model_name, payload)``
+    returns the kdzoo network's state dict; ``pretrained(model_name, dataset, folder)``, if any, returns the path
+    of published weights (see :mod:`kdzoo.hookspecs`)."""
+
+    name: str
+    plugin: str
+    convert: Callable[[str, Any], Mapping[str, Any]]
+    pretrained: Callable[..., Any] | None = None
+
+
+NATIVE_FORMAT = "kdzoo"  # kdzoo's own checkpoints (kdzoo.checkpoint); not a plugin's
+
+
 class _Owners(Mapping[tuple[str, str], str]):
     """``Registry.owner``: ``(kind, name) -> plugin name``, kind ``"method"`` or ``"model"`` (a model
     name from a family is resolved on lookup; a clashing one raises ``KDZooError``)."""
@@ -222,6 +242,10 @@ class Registry:
     methods: dict[str, type[Method]] = field(default_factory=dict)
     models: ModelTable = field(init=False, repr=False)  # name -> factory; families are listed on first use
     owner: Mapping[tuple[str, str], str] = field(init=False, repr=False)  # (kind, name) -> plugin name
+    datasets: dict[str, type[Dataset]] = field(default_factory=dict)
+    dataset_owner: dict[str, str] = field(default_factory=dict)  # dataset name -> plugin name
+    checkpoint_formats: dict[str, CheckpointFormat] = field(default_factory=dict)  # foreign teacher formats
+    checkpoint_format_owner: dict[str, str] = field(default_factory=dict)  # format name -> plugin name
     warnings: list[str] = field(default_factory=list)  # e.g. an unknown name in -p no:NAME; the CLI prints them
     strict: bool = False  # a model family that cannot be listed raises instead of being left out
 
@@ -232,6 +256,32 @@ class Registry:
 
     def plugin(self, name: str) -> PluginInfo:
         return next(p for p in self.plugins if p.name == name)
+
+    def dataset(self, name: str) -> type[Dataset]:
+        """The dataset class registered as ``name``; ``KDZooError`` with close matches otherwise."""
+        if name not in self.datasets:
+            off = [p for p in self.plugins if p.disabled or p.error]
+            same = next((p for p in off if p.name == name), None)
+            why = (f" It is provided by plugin '{same.name}' ({same.dist} {same.version}), which is "
+                   f"{same.why_unavailable()}." if same is not None else "")
+            raise KDZooError(
+                f"Unknown dataset '{name}'.{suggest(name, self.datasets)}{why} Available datasets: "
+                f"{', '.join(sorted(self.datasets)) or '(none)'} (`kdzoo datasets` lists them).")
+        return self.datasets[name]
+
+    def checkpoint_format(self, name: str) -> CheckpointFormat:
+        """The foreign checkpoint format registered as ``name``; ``KDZooError`` with close matches otherwise
+        (``kdzoo``, kdzoo's own format, is no plugin's and is not in the table)."""
+        if name not in self.checkpoint_formats:
+            off = [p for p in self.plugins if p.disabled or p.error]
+            known = [NATIVE_FORMAT, *sorted(self.checkpoint_formats)]
+            note = (" Not loaded: " + ", ".join(f"plugin '{p.name}' ({p.status})" for p in off)
+                    + "; one of them may provide it (`kdzoo plugins` shows why)." if off else "")
+            raise KDZooError(
+                f"Unknown checkpoint format '{name}'.{suggest(name, known)} Available formats: {', '.join(known)} "
+                f"({NATIVE_FORMAT}: a checkpoint written by `kdzoo train`; the others read teachers trained by "
+                f"other code bases and come from plugins).{note}")
+        return self.checkpoint_formats[name]
 
     def method(self, name: str) -> type[Method]:
         """The method class registered as ``name``; ``KDZooError`` with close matches otherwise."""
@@ -432,7 +482,11 @@ def _collect(pm: pluggy.PluginManager, name: str, info: PluginInfo, registry: Re
     Plain names are checked for clashes here; the names of a model family when it is first listed."""
     from kdzoo.methods import Method  # imported by load_plugins already
 
+    from kdzoo.datasets import Dataset
+
     methods: dict[str, type[Method]] = {}
+    datasets: dict[str, type[Dataset]] = {}
+    formats: dict[str, CheckpointFormat] = {}
     models = _ModelRegister(name)
 
     def register_method(cls: type[Method], name: str | None = None) -> None:
@@ -445,15 +499,46 @@ def _collect(pm: pluggy.PluginManager, name: str, info: PluginInfo, registry: Re
             raise ValueError(f"method '{key}' registered twice")
         methods[key] = cls
 
+    def register_dataset(cls: type[Dataset], name: str | None = None) -> None:
+        if not (isinstance(cls, type) and issubclass(cls, Dataset)):
+            raise TypeError(f"register() expects a subclass of kdzoo.datasets.Dataset, got {cls!r}")
+        key = name or cls.name
+        if not key:
+            raise TypeError(f"{cls.__name__} has no name: set the class attribute `name` or pass name=")
+        if key in datasets:
+            raise ValueError(f"dataset '{key}' registered twice")
+        datasets[key] = cls
+
+    owner = name  # the plugin's name: register_format's own `name` parameter shadows it
+
+    def register_format(name: str, convert: Callable[[str, Any], Mapping[str, Any]],
+                        pretrained: Callable[..., Any] | None = None) -> None:
+        if not (isinstance(name, str) and name.isidentifier() and name == name.lower()):
+            raise TypeError(f"register({name!r}, convert): a checkpoint format's name must be a lowercase identifier "
+                            "(it is written as `format: NAME` and --teacher-format NAME)")
+        if name == NATIVE_FORMAT:
+            raise ValueError(f"'{NATIVE_FORMAT}' is kdzoo's own checkpoint format; register another name")
+        if not callable(convert) or (pretrained is not None and not callable(pretrained)):
+            raise TypeError(f"register('{name}', convert, pretrained=None): convert (and pretrained, if given) "
+                            "must be callable")
+        if name in formats:
+            raise ValueError(f"checkpoint format '{name}' registered twice")
+        formats[name] = CheckpointFormat(name, owner, convert, pretrained)
+
     plugin = pm.get_plugin(name)
     try:
-        for hook, callback in (("register_methods", register_method), ("register_models", models)):
+        for hook, callback in (("register_methods", register_method), ("register_models", models),
+                               ("register_datasets", register_dataset),
+                               ("register_checkpoint_formats", register_format)):
             for impl in getattr(pm.hook, hook).get_hookimpls():
                 if impl.plugin is plugin:
                     impl.function(register=callback)
         clashes = [("method", n, registry.owner[("method", n)]) for n in sorted(methods) if n in registry.methods]
         clashes += [("model", n, registry.models.registered_owner(n)) for n in sorted(models.factories)
                     if registry.models.registered_owner(n) is not None]
+        clashes += [("dataset", n, registry.dataset_owner[n]) for n in sorted(datasets) if n in registry.datasets]
+        clashes += [("checkpoint format", n, registry.checkpoint_format_owner[n]) for n in sorted(formats)
+                    if n in registry.checkpoint_formats]
         if clashes:
             kind, clash, other = clashes[0]
             raise KDZooError(
@@ -469,6 +554,12 @@ def _collect(pm: pluggy.PluginManager, name: str, info: PluginInfo, registry: Re
         return
     registry.methods.update(methods)
     registry._method_owner.update({k: name for k in methods})
+    registry.datasets.update(datasets)
+    registry.dataset_owner.update({k: name for k in datasets})
+    info.datasets = sorted(datasets)
+    registry.checkpoint_formats.update(formats)
+    registry.checkpoint_format_owner.update({k: name for k in formats})
+    info.checkpoint_formats = sorted(formats)
     registry.models.add(name, models.factories, models.families)
     info.methods = sorted(methods)
     info.models = sorted(models.factories)

@@ -71,7 +71,8 @@ class TeacherRef:
 @dataclass
 class TeacherRecord:
     """A benchmark's teacher. ``source`` is "trained" (here, then cached) or "checkpoint" (given by the user);
-    a checkpoint teacher's accuracy is the one its checkpoint recorded, if any."""
+    a checkpoint teacher's accuracy is the one its checkpoint recorded, if any (a checkpoint in another code base's
+    format records none for this data: its accuracy is measured on the benchmark's test split)."""
 
     run_id: str
     key: str

@@ -17,6 +17,7 @@ import yaml
 from kdzoo import KDZooError, hookimpl
 from kdzoo import bench as B
 from kdzoo.config import BenchConfig, parse
+from kdzoo.data import DataShape
 from kdzoo.methods import Method
 from kdzoo.plugins import load_plugins
 from kdzoo.store import Store
@@ -58,8 +59,14 @@ def cache(tmp_path, monkeypatch):
     return tmp_path / "cache"
 
 
+def shape(fingerprint="fp0", n_train=384):
+    return DataShape("cifar10", fingerprint, 10, (32, 32), n_train)
+
+
 def plan_of(mapping, fingerprint="fp0", registry=None):
-    return B.expand(parse(BenchConfig, mapping), fingerprint, registry or _registry())
+    """The plan of ``mapping`` for CIFAR-10 (the training-set size as its ``data.train_size`` says)."""
+    n_train = (mapping.get("data") or {}).get("train_size") or 50000
+    return B.expand(parse(BenchConfig, mapping), shape(fingerprint, n_train), registry or _registry())
 
 
 # -- plan ----------------------------------------------------------------------------------------
@@ -233,7 +240,7 @@ def test_kill_9_and_resume_equals_uninterrupted(uninterrupted, tmp_path, point):
 def test_shipped_benchmarks_are_valid(registry, path):
     from kdzoo.config import read_yaml
 
-    plan = B.expand(parse(BenchConfig, read_yaml(path)), "fp", registry)
+    plan = B.expand(parse(BenchConfig, read_yaml(path)), shape("fp", 50000), registry)
     assert plan.variants[0].label == "ce" and len(plan.bench.seeds) >= 2
     B.validate(plan, registry)
     if plan.bench.reference:

@@ -15,8 +15,17 @@ import torch.nn.functional as F
 
 from kdzoo import KDZooError
 from kdzoo import data as kdata
-from kdzoo.data import (CIFAR10_MEAN, CIFAR10_STD, FINGERPRINTS, CifarData, load_cifar10,
-                        prepare_data)
+from kdzoo.data import Data
+from kdzoo.data import prepare_data as _prepare
+from kdzoo_plugins.cifar10 import CLASSES as CIFAR10_CLASSES
+from kdzoo_plugins.cifar10 import FINGERPRINTS, load_cifar10
+from kdzoo_plugins.cifar10 import MEAN as CIFAR10_MEAN
+from kdzoo_plugins.cifar10 import STD as CIFAR10_STD
+
+
+def prepare_data(source="auto", root=None, **subsets):
+    """CIFAR-10 from ``source`` through its plugin, then kdzoo.data.prepare_data."""
+    return _prepare(load_cifar10(source, root), **subsets)
 
 KEYS = ("x_train", "y_train", "x_test", "y_test")
 MEAN = torch.tensor(CIFAR10_MEAN).view(3, 1, 1)
@@ -60,7 +69,7 @@ def _match_table(aug: torch.Tensor, orig: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _epoch(d: CifarData, seed: int, epoch: int, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+def _epoch(d: Data, seed: int, epoch: int, **kw) -> tuple[torch.Tensor, torch.Tensor]:
     xs, ys = zip(*d.train_batches(seed, epoch, batch_size=len(d.train_x), drop_last=False, **kw))
     return torch.cat(xs), torch.cat(ys)
 
@@ -193,7 +202,7 @@ class _FakeCIFAR10:
         split = "train" if train else "test"
         self.data = self.arrays[f"x_{split}"]
         self.targets = self.arrays[f"y_{split}"].tolist()
-        self.classes = list(kdata.CIFAR10_CLASSES)
+        self.classes = list(CIFAR10_CLASSES)
 
 
 @pytest.fixture
@@ -323,10 +332,10 @@ def test_subset_smaller_than_the_classes_names_the_missing_ones(cifar_path, kwar
 
 
 def test_train_batch_sizes_follow_the_engine():
-    assert kdata.train_set_size(None) == 50000 and kdata.train_set_size(None, 5000) == 45000
-    assert kdata.train_set_size(384, 100) == 384
+    assert kdata.train_set_size(None, 0, 50000) == 50000 and kdata.train_set_size(None, 5000, 50000) == 45000
+    assert kdata.train_set_size(384, 100, 50000) == 384
     for n, batch in ((384, 64), (385, 64), (64, 64), (20, 64), (1, 1)):
-        d = CifarData(torch.zeros(n, 3, 4, 4, dtype=torch.uint8), torch.arange(n) % 10,
+        d = Data(torch.zeros(n, 3, 4, 4, dtype=torch.uint8), torch.arange(n) % 10,
                       torch.zeros(1, 3, 4, 4, dtype=torch.uint8), torch.zeros(1, dtype=torch.long))
         seen = {len(y) for _, y in d.train_batches(0, 0, batch)}
         assert seen == set(kdata.train_batch_sizes(n, batch)), (n, batch)
@@ -492,12 +501,30 @@ def test_direct_construction_fingerprints_content():
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8, generator=g)
     y = torch.arange(40) % 10
-    a = CifarData(x, y, x[:10], y[:10])
-    b = CifarData(x.clone(), y.clone(), x[:10].clone(), y[:10].clone())
+    a = Data(x, y, x[:10], y[:10])
+    b = Data(x.clone(), y.clone(), x[:10].clone(), y[:10].clone())
     x2 = x.clone()
     x2[5, 1, 2, 3] ^= 1
-    c = CifarData(x2, y, x[:10], y[:10])
+    c = Data(x2, y, x[:10], y[:10])
     assert a.fingerprint == b.fingerprint != c.fingerprint
     assert _same(_batches(a, 0, 0, 16), _batches(b, 0, 0, 16))
     with pytest.raises(ValueError):
-        CifarData(x.float(), y, x, y)
+        Data(x.float(), y, x, y)
+
+
+def test_cifar10_batches_are_unchanged_by_the_move_into_a_plugin(cifar_path):
+    """Pinned before CIFAR-10 moved from the core into its plugin: the same fingerprints, the same batches."""
+    d = prepare_data(cifar_path, train_size=1000, test_size=500, val_size=100, subset_seed=3)
+    assert d.fingerprint == "559e2f58268766eecb11da1f417f5aa9df1cafefab387f4e3524c2f2fd2b2653"
+    h = hashlib.sha256()
+    for epoch in (0, 1):
+        for flip in ("random", "alternating"):
+            for i, (x, y) in enumerate(d.train_batches(seed=7, epoch=epoch, batch_size=128, flip=flip)):
+                if i < 3:
+                    h.update(x.numpy().tobytes())
+                    h.update(y.numpy().tobytes())
+    for x, y in d.eval_batches("val", 64):
+        h.update(x.numpy().tobytes())
+        h.update(y.numpy().tobytes())
+    assert h.hexdigest() == "1488c1b07e064d514ae6f26eb2c057e85a307b30ff7de09ce077625333246003"
+    assert prepare_data(cifar_path).fingerprint == "059d4725e54a848e0f189e4ddc8996f48ad21619bb30980e3aea98a01da7a710"

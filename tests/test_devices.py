@@ -20,7 +20,7 @@ import torch  # noqa: E402
 
 from kdzoo.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from kdzoo.config import Recipe  # noqa: E402
-from kdzoo.data import CifarData  # noqa: E402
+from kdzoo.data import Data  # noqa: E402
 from kdzoo.engine import Member, Trainer  # noqa: E402
 from kdzoo.plugins import load_plugins  # noqa: E402
 from kdzoo.runner import build_method, build_student, load_teacher, save_run_checkpoint  # noqa: E402
@@ -68,12 +68,12 @@ def exact_fp32():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def synthetic_data(device: torch.device, train: int = 64, test: int = 32, seed: int = 0) -> CifarData:
+def synthetic_data(device: torch.device, train: int = 64, test: int = 32, seed: int = 0) -> Data:
     """Random uint8 images and labels shaped like CIFAR-10, on ``device``."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, 256, (train + test, 3, 32, 32), generator=g, dtype=torch.uint8)
     y = torch.randint(0, 10, (train + test,), generator=g)
-    return CifarData(x[:train].to(device), y[:train].to(device), x[train:].to(device), y[train:].to(device))
+    return Data(x[:train].to(device), y[:train].to(device), x[train:].to(device), y[train:].to(device))
 
 
 def timing_free(history: list[dict]) -> list[dict]:
@@ -81,11 +81,11 @@ def timing_free(history: list[dict]) -> list[dict]:
 
 
 def teacher_net(seed: int = 123):
-    return build_student(REGISTRY, TEACHER, {}, seed)  # untrained but fixed: enough to distil from
+    return build_student(REGISTRY, TEACHER, {}, seed, num_classes=10)  # untrained but fixed: enough to distil from
 
 
 def member(method: str, teacher, seed: int = 5, label: str | None = None, **options) -> Member:
-    student = build_student(REGISTRY, STUDENT, options, seed)
+    student = build_student(REGISTRY, STUDENT, options, seed, num_classes=10)
     return Member(label or method, student, build_method(REGISTRY, method, {}, student.info, teacher.info, seed))
 
 
@@ -205,7 +205,7 @@ def test_teacher_checkpoint_crosses_devices(src: str, dst: str, tmp_path, exact_
     src_dev, dst_dev = torch.device(src), torch.device(dst)
     off = Recipe(epochs=1, batch_size=32, lr=0.05, eval_batch_size=64, autocast="off")
     data = synthetic_data(src_dev)
-    t = build_student(REGISTRY, TEACHER, {}, 1)
+    t = build_student(REGISTRY, TEACHER, {}, 1, num_classes=10)
     t_member = Member("teacher", t, build_method(REGISTRY, "ce", {}, t.info, None, 1))
     (result,) = Trainer([t_member], data, off, seed=1, device=src_dev).fit()
     assert result["status"] == "ok"

@@ -18,6 +18,7 @@ import torch
 
 from kdzoo.config import Recipe
 from kdzoo.data import prepare_data
+from kdzoo_plugins.cifar10 import load_cifar10
 from kdzoo.engine import Member, Trainer
 from kdzoo.plugins import load_plugins
 from kdzoo.runner import build_method, build_student
@@ -70,12 +71,12 @@ def test_trains_in_a_cohort_next_to_a_builtin_method(one_thread, dkd, cifar_path
         registry = load_plugins(strict=True)
         assert registry.describe_origin("dkd") == "plugin 'dkd' (kdzoo-dkd 0.1.0)"
         assert Path(sys.modules["kdzoo_dkd"].__file__).is_relative_to(dkd.site)
-        data = prepare_data(cifar_path, train_size=192, test_size=100, subset_seed=0)
+        data = prepare_data(load_cifar10(cifar_path), train_size=192, test_size=100, subset_seed=0)
         torch.manual_seed(123)
-        teacher = build_student(registry, "resnet20", {}, 123)  # untrained but fixed: enough for a finite-loss run
+        teacher = build_student(registry, "resnet20", {}, 123, num_classes=10)  # untrained but fixed: enough for a finite-loss run
         members = []
         for name, hparams in (("dkd", {"warmup": 1}), ("kd", {})):
-            student = build_student(registry, "wrn_16_1", {}, 0)
+            student = build_student(registry, "wrn_16_1", {}, 0, num_classes=10)
             method = build_method(registry, name, hparams, student.info, teacher.info, 0)
             members.append(Member(name, student, method, origin=registry.describe_origin(name)))
         recipe = Recipe(epochs=1, batch_size=64, lr=0.05, eval_batch_size=100)

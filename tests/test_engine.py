@@ -11,6 +11,7 @@ from kdzoo import KDZooError
 from kdzoo.checkpoint import load_checkpoint, save_checkpoint
 from kdzoo.config import Recipe
 from kdzoo.data import prepare_data
+from kdzoo_plugins.cifar10 import load_cifar10
 from kdzoo.engine import Member, Trainer, lr_factor
 from kdzoo.methods import Method
 from kdzoo.metrics import classification_metrics
@@ -27,7 +28,7 @@ def registry():
 
 @pytest.fixture(scope="module")
 def tiny_data(cifar_path):
-    return prepare_data(cifar_path, train_size=256, test_size=200, subset_seed=0)
+    return prepare_data(load_cifar10(cifar_path), train_size=256, test_size=200, subset_seed=0)
 
 
 def timing_free(history):
@@ -65,13 +66,13 @@ def test_metrics_against_hand_computation():
 
 
 def _member(registry, label, model, method, seed, teacher=None, **hp):
-    student = build_student(registry, model, {}, seed)
+    student = build_student(registry, model, {}, seed, num_classes=10)
     return Member(label, student, build_method(registry, method, hp, student.info, teacher.info if teacher else None, seed))
 
 
 def _teacher(registry):
     torch.manual_seed(123)
-    return build_student(registry, "resnet20", {}, 123)  # an untrained but fixed teacher suffices here
+    return build_student(registry, "resnet20", {}, 123, num_classes=10)  # an untrained but fixed teacher suffices here
 
 
 def test_same_seed_same_numbers(registry, tiny_data):
@@ -103,7 +104,7 @@ def test_cohort_equals_solo_with_dropout(registry, tiny_data):
     recipe = Recipe(epochs=1, batch_size=64, lr=0.05, eval_batch_size=500)
 
     def member(label):
-        student = build_student(registry, "wrn_16_1", {"drop_rate": 0.3}, 5)
+        student = build_student(registry, "wrn_16_1", {"drop_rate": 0.3}, 5, num_classes=10)
         return Member(label, student, build_method(registry, "ce", {}, student.info, None, 5))
 
     cohort = Trainer([member("a"), member("b")], tiny_data, recipe, seed=5).fit()
@@ -130,9 +131,9 @@ class RaisingMethod(ExplodingMethod):
 
 
 def test_non_finite_loss_stops_the_member_and_not_the_cohort(registry, tiny_data):
-    student = build_student(registry, "resnet20", {}, 0)
+    student = build_student(registry, "resnet20", {}, 0, num_classes=10)
     bad = Member("bad", student, ExplodingMethod(student.info))
-    student2 = build_student(registry, "resnet20", {}, 0)
+    student2 = build_student(registry, "resnet20", {}, 0, num_classes=10)
     buggy = Member("buggy", student2, RaisingMethod(student2.info))
     good = _member(registry, "good", "resnet20", "ce", 0)
     results = Trainer([bad, buggy, good], tiny_data, TINY, seed=0).fit()
@@ -194,7 +195,7 @@ def test_checkpoint_with_a_code_payload_is_refused_naming_it(tmp_path):
 def test_preflight_leaves_no_trace_and_names_a_batch_too_small(registry):
     from kdzoo.engine import preflight
 
-    student = build_student(registry, "resnet18", {}, 0)  # an ImageNet net: 1x1 maps at 32x32
+    student = build_student(registry, "resnet18", {}, 0, num_classes=10)  # an ImageNet net: 1x1 maps at 32x32
     method = build_method(registry, "ce", {}, student.info, None, 0)
     before = {k: v.clone() for k, v in student.state_dict().items()}
     rng = torch.get_rng_state()
@@ -208,19 +209,20 @@ def test_preflight_leaves_no_trace_and_names_a_batch_too_small(registry):
     assert all(p.grad is None for p in student.parameters())
 
 
-def test_run_single_refuses_a_batch_too_small_before_loading_data(registry, tmp_path, monkeypatch):
-    from kdzoo.config import RunConfig
+def test_run_single_refuses_a_batch_too_small_before_training(registry, tmp_path, monkeypatch, cifar_path):
+    from kdzoo.config import DataConfig, RunConfig
     from kdzoo.runner import run_single
 
-    monkeypatch.setenv("KDZOO_DATA", str(tmp_path / "no-data-needed.npz"))  # the check comes first
-    cfg = RunConfig(model="resnet18", recipe=Recipe(batch_size=1), out=str(tmp_path / "out"))
+    # the dataset is read first (the network's number of classes and image size come from it), then the check
+    cfg = RunConfig(model="resnet18", recipe=Recipe(batch_size=1), out=str(tmp_path / "out"),
+                    data=DataConfig(source=cifar_path))
     with pytest.raises(KDZooError, match="Batch size too small for model 'resnet18'"):
         run_single(cfg, registry)
     assert not (tmp_path / "out" / "metrics.json").exists()
 
 
 def test_validation_split_chooses_the_best_epoch(registry, cifar_path):
-    data = prepare_data(cifar_path, train_size=256, test_size=200, val_size=100, subset_seed=0)
+    data = prepare_data(load_cifar10(cifar_path), train_size=256, test_size=200, val_size=100, subset_seed=0)
     m = _member(registry, "ce", "wrn_16_1", "ce", seed=1)
     result = Trainer([m], data, Recipe(epochs=3, batch_size=64, lr=0.05, eval_batch_size=500), seed=1).fit()[0]
     history = result["history"]

@@ -10,6 +10,7 @@ import pytest
 
 from kdzoo.config import Recipe
 from kdzoo.data import prepare_data
+from kdzoo_plugins.cifar10 import load_cifar10
 from kdzoo.engine import Member, Trainer
 from kdzoo.plugins import load_plugins
 from kdzoo.runner import build_method, build_student
@@ -82,10 +83,10 @@ def broken_dist(tmp_path, monkeypatch):
 def test_a_broken_method_fails_its_own_run_and_names_its_plugin(one_thread, broken_dist, cifar_path):
     registry = load_plugins(strict=True)
     assert registry.plugin("brokenpkg").methods == sorted(EXPECTED)
-    data = prepare_data(cifar_path, train_size=128, test_size=100, subset_seed=0)
+    data = prepare_data(load_cifar10(cifar_path), train_size=128, test_size=100, subset_seed=0)
     members = []
     for name in sorted(EXPECTED) + ["ce"]:
-        student = build_student(registry, "wrn_16_1", {}, 0)
+        student = build_student(registry, "wrn_16_1", {}, 0, num_classes=10)
         method = build_method(registry, name, {}, student.info, None, 0)
         members.append(Member(name, student, method, origin=registry.describe_origin(name)))
     results = {r["label"]: r for r in Trainer(members, data, Recipe(epochs=1, batch_size=64, eval_batch_size=100),

@@ -74,7 +74,8 @@ def test_methods_and_plugins_commands_do_not_import_timm(tmp_path):
         import contextlib, io, kdzoo.cli
         with contextlib.redirect_stdout(io.StringIO()) as out:
             assert kdzoo.cli.main(["methods"]) == 0 and kdzoo.cli.main(["plugins"]) == 0
-        assert "fitnets" in out.getvalue() and "every timm model" in out.getvalue()
+        text = "".join(c for c in out.getvalue() if c.isalnum())  # rich wraps table cells at the terminal's width
+        assert "fitnets" in text and "everytimmmodel" in text
     """
     heavy = run_python(code, tmp_path)
     assert "torch" in heavy and not {"timm", "torchvision"} & set(heavy), heavy
