@@ -37,7 +37,7 @@ def hookspec_functions() -> dict[str, object]:
 
 def test_every_hookspec_is_documented_with_its_exact_signature():
     specs = hookspec_functions()
-    assert set(specs) == {"register_methods", "register_models"}
+    assert set(specs) == {"register_methods", "register_models", "register_datasets", "register_checkpoint_formats"}
     reference = TEXT.split("\n## Hook reference\n")[1].split("\n## ")[0]
     documented = dict(re.findall(r"^### `(\w+)(\(.*\))`$", reference, re.M))
     assert set(documented) == set(specs), "document every hookspec under a '### `name(args)`' heading, and only those"
@@ -154,11 +154,13 @@ def test_worked_example_from_the_guide(tmp_path, install_package, monkeypatch):
     # The guide's benchmark file validates: every model and method is built and run on a dry forward.
     from kdzoo import bench
     from kdzoo.config import BenchConfig, parse
+    from kdzoo.data import DataShape
 
     monkeypatch.syspath_prepend(str(pkg.site))
     try:
         registry = load_plugins(strict=True)
-        plan = bench.expand(parse(BenchConfig, yaml.safe_load(files[f"{EXAMPLE}/bench.yaml"])), "fingerprint", registry)
+        plan = bench.expand(parse(BenchConfig, yaml.safe_load(files[f"{EXAMPLE}/bench.yaml"])),
+                            DataShape("cifar10", "fingerprint", 10, (32, 32), 50000), registry)
         assert [v.label for v in plan.variants] == ["ce", "kd", "logit_l2", "logit_l2+ce"]
         bench.validate(plan, registry)
     finally:
