@@ -38,8 +38,9 @@ from kdzoo.models import KDNet
 from kdzoo.plugins import NATIVE_FORMAT, Registry
 from kdzoo.records import (BenchRecord, BestEpoch, RecordError, RunRecord, Scores, TeacherRecord, TeacherRef,
                            load_record)
-from kdzoo.runner import (build_method, build_student, cache_dir, data_info, environment, foreign_formats_hint,
-                          load_data, load_teacher, pretrained_teacher, save_run_checkpoint)
+from kdzoo import cache_dir
+from kdzoo.runner import build_method, build_student, data_info, environment, load_data, save_run_checkpoint
+from kdzoo.teachers import foreign_formats_hint, load_teacher, pretrained_teacher
 from kdzoo.store import Store, write_json
 
 BASELINE = "ce"
@@ -459,7 +460,7 @@ def _scores(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def _load_job_teacher(job: TeacherJob, registry: Registry, data: Data | DataShape) -> tuple[KDNet, dict[str, Any]]:
-    """The frozen teacher of a checkpoint (or trained and cached) teacher job, through ``runner.load_teacher``."""
+    """The frozen teacher of a checkpoint (or trained and cached) teacher job, through ``kdzoo.teachers.load_teacher``."""
     return load_teacher(registry, job.checkpoint_path, dataset=data.dataset, format=job.format, model=job.model,
                         options=job.options, num_classes=data.num_classes, image_size=data.image_size)
 

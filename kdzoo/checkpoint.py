@@ -7,7 +7,7 @@ A checkpoint is a dict of tensors and plain Python values::
      "method_state": {...}, "meta": {...}}
 
 ``load_payload`` reads any PyTorch file the same safe way (a teacher written by another code base, which a
-checkpoint-format plugin then converts: see ``kdzoo.runner.load_teacher``).
+checkpoint-format plugin then converts: see ``kdzoo.teachers.load_teacher``).
 """
 from __future__ import annotations
 

@@ -194,7 +194,7 @@ def cmd_methods(args: argparse.Namespace, registry: Registry) -> None:
 
 
 def cmd_datasets(args: argparse.Namespace, registry: Registry) -> None:
-    from kdzoo.runner import cache_dir
+    from kdzoo import cache_dir
 
     table = Table(title="kdzoo datasets")
     for col in ("dataset", "plugin", "size", "options", "here (source auto)"):

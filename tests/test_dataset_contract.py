@@ -16,7 +16,7 @@ from kdzoo.checkpoint import load_checkpoint
 from kdzoo.data import DataShape
 from kdzoo.datasets import Arrays, Dataset, verified
 from kdzoo.plugins import load_plugins
-from kdzoo.runner import load_teacher
+from kdzoo.teachers import load_teacher
 from kdzoo.store import Store
 
 

@@ -23,7 +23,8 @@ from kdzoo.config import Recipe  # noqa: E402
 from kdzoo.data import Data  # noqa: E402
 from kdzoo.engine import Member, Trainer  # noqa: E402
 from kdzoo.plugins import load_plugins  # noqa: E402
-from kdzoo.runner import build_method, build_student, load_teacher, save_run_checkpoint  # noqa: E402
+from kdzoo.runner import build_method, build_student, save_run_checkpoint  # noqa: E402
+from kdzoo.teachers import load_teacher  # noqa: E402
 from kdzoo.testing import check_dtypes_and_devices, check_model  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()

@@ -32,7 +32,7 @@ from kdzoo.config import BenchConfig, parse
 from kdzoo.data import DataShape
 from kdzoo.datasets import Arrays, Dataset, verified
 from kdzoo.plugins import load_plugins
-from kdzoo.runner import load_teacher, pretrained_teacher
+from kdzoo.teachers import load_teacher, pretrained_teacher
 from kdzoo.store import Store
 from kdzoo_plugins import foreign_checkpoints
 from test_models import (_RD_VGG_CFG, _RDMobileNetV2, _RDResNet, _RDResNetV2, _RDShuffleV1, _RDShuffleV2, _RDVGG,

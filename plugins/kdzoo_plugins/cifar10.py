@@ -173,6 +173,6 @@ def register_datasets(register):
 
 def load_cifar10(source: str = "auto", root: str | Path | None = None) -> Arrays:
     """CIFAR-10's verified splits (for scripts and tests; kdzoo itself goes through the registry)."""
-    from kdzoo.runner import cache_dir
+    from kdzoo import cache_dir
 
     return Cifar10().load(str(source), Path(root).expanduser() if root else cache_dir())
