@@ -1,6 +1,6 @@
 """kdzoo: a knowledge-distillation method zoo for PyTorch.
 
-The core knows no method and no backbone by name: both arrive through plugins
+The core knows no method, backbone or dataset by name: they arrive through plugins
 (see :mod:`kdzoo.hookspecs`). ``import kdzoo`` never imports a plugin.
 """
 from importlib.metadata import PackageNotFoundError, version

@@ -15,8 +15,9 @@ SLOW_FIXTURES = {"cifar_path", "install_package"}  # real CIFAR-10 training, or 
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark every test that trains on real data or installs a package as ``slow``: ``pytest -m "not slow"``
-    is the contributors' fast lane, CI runs everything."""
+    """Mark every test that trains on real data or installs a package as ``slow`` (tests that train on
+    synthetic data or run whole commands carry the mark themselves): ``pytest -m "not slow"`` is the
+    contributors' fast lane, CI runs everything."""
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)

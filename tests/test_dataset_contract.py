@@ -39,7 +39,7 @@ class Blobs(Dataset):
                 x[i, r * size // 10:(r + 1) * size // 10, col * size // 10:(col + 1) * size // 10, c % 3] = 255
             return x, y.astype(np.int64)
 
-        (x_train, y_train), (x_test, y_test) = split(4 * k), split(k)
+        (x_train, y_train), (x_test, y_test) = split(2 * k), split(k)
         return verified(self.name, {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test},
                         class_names=tuple(f"blob{c}" for c in range(k)), mean=(0.2, 0.2, 0.2), std=(0.3, 0.3, 0.3),
                         source="synthetic", where="blobs", fix="", pad=8)
@@ -62,18 +62,19 @@ def test_a_dataset_plugin_is_registered_and_listed(registry):
         Blobs(clases=3)
 
 
+@pytest.mark.slow  # trains a teacher and five students
 def test_a_100_class_64px_dataset_trains_through_kdzoo_bench_with_every_method(registry, tmp_path, monkeypatch):
     monkeypatch.setenv("KDZOO_CACHE", str(tmp_path / "cache"))
     cfg = tmp_path / "b.yaml"
     cfg.write_text(yaml.safe_dump({
         "name": "blobs", "data": {"dataset": "blobs", "test_size": 100}, "seeds": [0],
         "recipe": {"epochs": 1, "batch_size": 50, "lr": 0.05, "eval_batch_size": 100},
-        "teacher_recipe": {"epochs": 2}, "teachers": ["resnet8x4"], "students": ["wrn_16_1"],
+        "teacher_recipe": {"epochs": 2}, "teachers": ["resnet8"], "students": ["wrn_16_1"],
         "methods": ["kd", "fitnets", "attention", "rkd"]}))
     torch.set_num_threads(1)
     plan, data, device = B.prepare(cfg, registry)
     assert (plan.data.dataset, plan.data.num_classes, plan.data.image_size) == ("blobs", 100, (64, 64))
-    at_32px = B.validate(B.expand(plan.bench, DataShape("blobs", "x", 100, (32, 32), 400), registry), registry)
+    at_32px = B.validate(B.expand(plan.bench, DataShape("blobs", "x", 100, (32, 32), 200), registry), registry)
     assert 3.9 < plan.flops["wrn_16_1"] / at_32px["wrn_16_1"] < 4.1  # FLOPs are counted at the dataset's 64x64
     outcome = B.run_plan(plan, data, registry, Store(tmp_path / "out"), device)
     assert outcome.failed == [] and outcome.trained == 5

@@ -37,6 +37,7 @@ def test_device_check_script_parses_and_documents_its_calls():
     assert bad.returncode == 2 and "unknown step 'nope'" in bad.stderr
 
 
+@pytest.mark.slow  # runs the whole script's data-free steps on the CPU
 def test_device_check_dry_run_of_its_data_free_steps(tmp_path):
     """The smoke mode runs end to end (here: pytest -m cuda, all skipped on a CPU) and leaves its files in $OUT."""
     env = {**os.environ, "OUT": str(tmp_path / "out"), "KDZOO_CHECK_WORK": str(tmp_path / "work"),

@@ -109,6 +109,7 @@ def _kdzoo(*args, **env):
                           env={**os.environ, "COLUMNS": "200", **env}, timeout=300)
 
 
+@pytest.mark.slow  # runs the kdzoo command in subprocesses
 @pytest.mark.parametrize("kind", ["random bytes", "a JSON list", "a partial record"])
 def test_kdzoo_report_on_a_damaged_folder_is_a_clear_error_and_keeps_the_old_report(tmp_path, kind):
     store = Store(tmp_path)
