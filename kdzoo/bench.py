@@ -30,7 +30,7 @@ import torch
 
 import kdzoo
 from kdzoo import KDZooError
-from kdzoo.checkpoint import load_checkpoint, save_checkpoint
+from kdzoo.checkpoint import file_sha256, load_checkpoint, save_checkpoint
 from kdzoo.config import BenchConfig, Recipe, StudentSpec, TeacherSpec, parse
 from kdzoo.data import Data, DataShape
 from kdzoo.engine import Member, Progress, Trainer, count_params, resolve_device
@@ -168,14 +168,6 @@ def expand_variants(methods: list[Any]) -> list[Variant]:
 
 def _as_spec(cls: type, entry: Any, path: str) -> Any:
     return cls(model=entry) if isinstance(entry, str) else parse(cls, entry, path)
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def provenance(registry: Registry, kind: str, name: str) -> str:

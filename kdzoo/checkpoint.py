@@ -11,6 +11,7 @@ checkpoint-format plugin then converts: see ``kdzoo.teachers.load_teacher``).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import re
@@ -41,6 +42,15 @@ def atomic_write(path: str | Path, write: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def ensure_writable_dir(path: str | Path, what: str) -> Path:

@@ -489,25 +489,21 @@ def _collect(pm: pluggy.PluginManager, name: str, info: PluginInfo, registry: Re
     formats: dict[str, CheckpointFormat] = {}
     models = _ModelRegister(name)
 
-    def register_method(cls: type[Method], name: str | None = None) -> None:
-        if not (isinstance(cls, type) and issubclass(cls, Method)):
-            raise TypeError(f"register() expects a subclass of kdzoo.methods.Method, got {cls!r}")
-        key = name or cls.name
-        if not key:
-            raise TypeError(f"{cls.__name__} has no name: set the class attribute `name` or pass name=")
-        if key in methods:
-            raise ValueError(f"method '{key}' registered twice")
-        methods[key] = cls
+    def class_register(kind: str, base: type, table: dict[str, type]) -> Callable[..., None]:
+        """``register(cls, name=None)`` for a hook that registers subclasses of ``base`` (methods, datasets)."""
+        def register(cls: type, name: str | None = None) -> None:
+            if not (isinstance(cls, type) and issubclass(cls, base)):
+                raise TypeError(f"register() expects a subclass of {base.__module__}.{base.__name__}, got {cls!r}")
+            key = name or cls.name
+            if not key:
+                raise TypeError(f"{cls.__name__} has no name: set the class attribute `name` or pass name=")
+            if key in table:
+                raise ValueError(f"{kind} '{key}' registered twice")
+            table[key] = cls
+        return register
 
-    def register_dataset(cls: type[Dataset], name: str | None = None) -> None:
-        if not (isinstance(cls, type) and issubclass(cls, Dataset)):
-            raise TypeError(f"register() expects a subclass of kdzoo.datasets.Dataset, got {cls!r}")
-        key = name or cls.name
-        if not key:
-            raise TypeError(f"{cls.__name__} has no name: set the class attribute `name` or pass name=")
-        if key in datasets:
-            raise ValueError(f"dataset '{key}' registered twice")
-        datasets[key] = cls
+    register_method = class_register("method", Method, methods)
+    register_dataset = class_register("dataset", Dataset, datasets)
 
     owner = name  # the plugin's name: register_format's own `name` parameter shadows it
 

@@ -26,7 +26,6 @@ ShuffleNets key for key (the classifier aside), WRN and MobileNetV2 under timm-s
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -236,14 +235,6 @@ def convert_torchdistill(model_name: str, payload: Any) -> StateDict:
     return _weights(payload, "torchdistill's layout (a state dict, or {'model': state_dict, ...})")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _write_record(record: Path, digest: str, name: str) -> None:
     tmp = record.with_name(f".{record.name}.{os.getpid()}.tmp")
     tmp.write_text(f"{digest}  {name}\n")  # sha256sum's format: `sha256sum -c` checks it
@@ -254,6 +245,8 @@ def pretrained_torchdistill(model_name: str, dataset: str, folder: Path) -> Path
     """The local file of torchdistill's published ``model_name`` for ``dataset``, downloaded into ``folder`` under
     its published name when it is not there. The sha256 of the file is recorded beside it (``NAME.sha256``) when
     it is downloaded, or first found there (placed by hand), and checked on every later use."""
+    from kdzoo.checkpoint import file_sha256
+
     model = model_name.removesuffix("_cifar")
     url = TORCHDISTILL_URLS.get((dataset, model))
     if url is None:
@@ -265,9 +258,9 @@ def pretrained_torchdistill(model_name: str, dataset: str, folder: Path) -> Path
     target, record = folder / name, folder / f"{name}.sha256"
     if not target.is_file():
         _download(url, target, model, dataset)
-        _write_record(record, _sha256(target), name)
+        _write_record(record, file_sha256(target), name)
         return target
-    digest = _sha256(target)
+    digest = file_sha256(target)
     if not record.is_file():  # placed by hand: from now on it must stay this file
         _write_record(record, digest, name)
     else:
