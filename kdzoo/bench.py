@@ -208,8 +208,9 @@ def _resolve_checkpoint(t: TeacherSpec, i: int, data: DataShape, registry: Regis
 
 
 def expand(bench: BenchConfig, data: DataShape, registry: Registry) -> Plan:
-    """Expand a benchmark into teachers and cohorts. Builds no model; reads only a teacher checkpoint's bytes
-    (its sha256 is part of the teacher's key, so overwriting the file is a different teacher)."""
+    """Expand a benchmark into teachers and cohorts. Builds no model; reads a teacher checkpoint's bytes (its
+    sha256 is part of the teacher's key, so overwriting the file is a different teacher), and fetches a
+    ``pretrained:`` teacher's published weights into the cache if they are not there yet."""
     import timm
 
     versions = {"kdzoo": kdzoo.__version__, "timm": timm.__version__}
