@@ -455,7 +455,8 @@ def _scores(result: dict[str, Any]) -> dict[str, Any]:
 def _load_job_teacher(job: TeacherJob, registry: Registry, data: Data | DataShape) -> tuple[KDNet, dict[str, Any]]:
     """The frozen teacher of a checkpoint (or trained and cached) teacher job, through ``kdzoo.teachers.load_teacher``."""
     return load_teacher(registry, job.checkpoint_path, dataset=data.dataset, format=job.format, model=job.model,
-                        options=job.options, num_classes=data.num_classes, image_size=data.image_size)
+                        options=job.options, num_classes=data.num_classes, image_size=data.image_size,
+                        class_names=data.class_names)
 
 
 @torch.inference_mode()

@@ -229,6 +229,7 @@ class DataShape:
     num_classes: int
     image_size: tuple[int, int]
     n_train: int
+    class_names: tuple[str, ...] = ()  # empty: unknown (then only the dataset's name is compared)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,7 +297,8 @@ class Data:
         return int(self.train_x.shape[2]), int(self.train_x.shape[3])
 
     def shape(self) -> DataShape:
-        return DataShape(self.dataset, self.fingerprint, self.num_classes, self.image_size, len(self.train_x))
+        return DataShape(self.dataset, self.fingerprint, self.num_classes, self.image_size, len(self.train_x),
+                         self.class_names)
 
     def __repr__(self) -> str:
         return (f"Data({self.dataset}, train={len(self.train_x)}, val={len(self.val_x)}, test={len(self.test_x)}, "

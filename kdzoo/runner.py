@@ -93,7 +93,7 @@ def save_run_checkpoint(path: str | Path, model: str, options: dict[str, Any], s
         "state_dict": student.model.state_dict(), "method": method.name, "hparams": method.hparams,
         "method_state": method.state_dict(),
         "meta": {"top1": result["last"]["top1"], "best_top1": result["best"]["top1"], "seed": seed,
-                 "dataset": data.dataset, "image_size": list(data.image_size), "data_fingerprint": data.fingerprint,
+                 "dataset": data.dataset, "classes": list(data.class_names), "image_size": list(data.image_size), "data_fingerprint": data.fingerprint,
                  "kdzoo": kdzoo.__version__, **meta},
     })
 
@@ -124,7 +124,7 @@ def run_single(cfg: RunConfig, registry: Registry, progress: Progress | None = N
             raise KDZooError(f"Method '{cfg.method}' distils from a teacher: pass --teacher CHECKPOINT (from `kdzoo train`).")
         teacher, teacher_meta = load_teacher(registry, teacher_path, dataset=arrays.dataset, format=teacher_format,
                                              model=cfg.teacher_model, num_classes=arrays.num_classes,
-                                             image_size=arrays.image_size)
+                                             image_size=arrays.image_size, class_names=arrays.class_names)
     student = build_student(registry, cfg.model, cfg.model_options, cfg.seed, arrays.num_classes, arrays.image_size)
     method = build_method(registry, cfg.method, cfg.hparams, student.info, teacher.info if teacher else None, cfg.seed)
     # Before training: can this student and method train at the batch sizes the run will see?

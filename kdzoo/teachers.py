@@ -24,11 +24,13 @@ def foreign_formats_hint(registry: Registry) -> str:
 
 def load_teacher(registry: Registry, path: str | Path, dataset: str | None = None, *, format: str = NATIVE_FORMAT,
                  model: str | None = None, options: dict[str, Any] | None = None, num_classes: int | None = None,
-                 image_size: tuple[int, int] = (32, 32)) -> tuple[KDNet, dict[str, Any]]:
+                 image_size: tuple[int, int] = (32, 32), class_names: tuple[str, ...] = ()
+                 ) -> tuple[KDNet, dict[str, Any]]:
     """A frozen teacher from a checkpoint, and the checkpoint's metadata. The one place kdzoo loads teachers.
 
     ``format="kdzoo"`` (a checkpoint from `kdzoo train`): the file names its network, classes and dataset. With
     ``dataset``, a teacher trained on another dataset is a ``KDZooError`` (its classes are not the student's); with
+    ``class_names``, so is one trained on data of the same name with other classes (two ``folder`` trees); with
     ``model``, so is a checkpoint of another network.
 
     Another ``format`` (registered with ``register_checkpoint_formats``: a teacher trained by RepDistiller,
@@ -48,6 +50,15 @@ def load_teacher(registry: Registry, path: str | Path, dataset: str | None = Non
             f"The teacher {path} was trained on '{trained_on}', but this run uses '{dataset}': its "
             f"{ckpt['num_classes']} outputs are another dataset's classes. Train a teacher on '{dataset}' "
             f"(`kdzoo train --dataset {dataset} ...`), or distil on '{trained_on}'.")
+    classes = ckpt.get("meta", {}).get("classes")  # two `folder` datasets share a name, not their classes
+    if class_names and classes is not None and tuple(classes) != tuple(class_names):
+        first = next((i for i, (a, b) in enumerate(zip(classes, class_names)) if a != b),
+                     min(len(classes), len(class_names)))
+        raise KDZooError(
+            f"The teacher {path} was trained on '{trained_on}' data with other classes than this run's "
+            f"({len(classes)} vs {len(class_names)} classes, differing from class {first} on), so its outputs do "
+            "not mean this run's classes. Train a teacher on this data, or distil on the data the teacher was "
+            "trained on.")
     if model is not None and ckpt["model"] != model:
         raise KDZooError(f"The teacher {path} holds a '{ckpt['model']}', not a '{model}'. Name the network it holds "
                          f"('{ckpt['model']}'), or point to the checkpoint of a '{model}'.")

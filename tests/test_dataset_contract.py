@@ -105,3 +105,19 @@ def test_a_teacher_from_another_dataset_is_refused_before_training(registry, tmp
     with pytest.raises(KDZooError, match=r"teachers\[0\]: the checkpoint .* was trained on 'blobs', but this "
                                          r"benchmark uses 'cifar10'"):
         B.prepare(cfg, registry)
+
+
+def test_a_teacher_trained_on_other_classes_of_the_same_dataset_is_refused(registry, tmp_path):
+    """Two datasets of one name (two `folder` trees) are told apart by their classes."""
+    from kdzoo.data import prepare_data
+    from kdzoo.runner import build_method, build_student, save_run_checkpoint
+
+    data = prepare_data(Blobs(classes=10).load("auto", tmp_path), train_size=20, test_size=10)
+    teacher = build_student(registry, "resnet8", {}, 0, num_classes=10, input_size=data.image_size)
+    ckpt = tmp_path / "t.pt"
+    save_run_checkpoint(ckpt, "resnet8", {}, teacher, build_method(registry, "ce", {}, teacher.info, None, 0),
+                        {"last": {"top1": 1.0}, "best": {"top1": 1.0}}, data, 0)
+    assert load_teacher(registry, ckpt, dataset="blobs", class_names=data.class_names)[1]["num_classes"] == 10
+    renamed = tuple(f"other{c}" for c in range(10))
+    with pytest.raises(KDZooError, match=r"other classes than this run's \(10 vs 10 classes, differing from class 0"):
+        load_teacher(registry, ckpt, dataset="blobs", class_names=renamed)
