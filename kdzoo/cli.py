@@ -21,7 +21,7 @@ from kdzoo.plugins import Registry, load_plugins
 
 if TYPE_CHECKING:  # the commands import these lazily, so that `kdzoo plugins` starts fast
     from kdzoo.bench import Plan
-    from kdzoo.store import Store
+    from kdzoo.store import Scan, Store
 
 console = Console()
 err_console = Console(stderr=True)
@@ -251,9 +251,10 @@ def cmd_bench(args: argparse.Namespace, registry: Registry) -> int:
     out = Path(args.out or f"runs/bench/{plan.bench.name}")
     store = Store(out)
     teachers_todo = [t for t in plan.teachers if bench.teacher_status(t) == "train"]
-    runs_todo = [r for r in plan.runs if not store.has_run(r.run_id)]
+    scan = store.scan()  # every record read and validated once
+    runs_todo = [r for r in plan.runs if not scan.done(r.run_id)]
     if args.dry_run:
-        show_plan(plan, store)
+        show_plan(plan, store, scan)
         seconds = bench.estimate_seconds(plan, data, registry, device)
         console.print(f"Estimated time for what is left: [bold]{seconds / 60:.1f} min[/] on {device} "
                       f"(from a short measured probe; evaluation included roughly).")
@@ -278,7 +279,7 @@ def cmd_bench(args: argparse.Namespace, registry: Registry) -> int:
     return 0
 
 
-def show_plan(plan: Plan, store: Store) -> None:
+def show_plan(plan: Plan, store: Store, scan: Scan) -> None:
     from kdzoo.bench import teacher_status
 
     table = Table(title=f"{plan.bench.name}: plan")
@@ -290,7 +291,6 @@ def show_plan(plan: Plan, store: Store) -> None:
                   "cached": f"cached ({t.dir})"}[teacher_status(t)]
         table.add_row(t.model, status)
     console.print(table)
-    scan = store.scan()
     table = Table(title="cohorts (runs trained together on identical batches)")
     for col in ("teacher → student", "seed", "runs", "status"):
         table.add_column(col)

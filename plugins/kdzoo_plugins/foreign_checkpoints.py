@@ -2,8 +2,8 @@
 
 Registered with ``register_checkpoint_formats`` (see :mod:`kdzoo.hookspecs`); a teacher is then
 ``{model: resnet56, checkpoint: FILE, format: repdistiller}`` in a benchmark, or ``kdzoo distill --teacher FILE
---teacher-format repdistiller --teacher-model resnet56``. kdzoo reads the file with ``torch.load(...,
-weights_only=True)``; the converters below only rename keys, and kdzoo checks the result against the network
+--teacher-format repdistiller --teacher-model resnet56``. kdzoo reads the file safely (weights only,
+through ``kdzoo.checkpoint.load_payload``); the converters below only rename keys, and kdzoo checks the result against the network
 key by key and shape by shape.
 
 * ``repdistiller``: HobbitLong/RepDistiller's ``train_teacher.py`` files, ``save/models/<model>_vanilla/
