@@ -18,6 +18,26 @@ Contract (see docs/writing-plugins.md):
 * Loss weights are ``>= 0`` unless named in ``signed_weights``; every hyperparameter is finite.
 * Validation calls ``validate_batch_size(batch_size)`` before any training, with each training
   batch size the run will see, so a method that cannot work at a size refuses it up front.
+* A method that cannot serve a teacher/student pair at all (FSP needs equal channel counts)
+  raises :class:`PairNotSupported` from ``__init__``: the benchmark marks that cell n/a and runs
+  the rest.
+
+Optional parts of the contract, each off by default (see docs/writing-plugins.md):
+
+* ``needs_preact``: ``Outputs.preact``, the pre-activation stage outputs (backbones declare them
+  in ``feature_info``: see :mod:`kdzoo.models`); ``needs_stem``: ``Outputs.stem``.
+* ``needs_indices``: ``forward`` gets ``indices=``, the training-set indices of the batch's
+  samples. ``needs_train_labels``: ``bind_train_set(labels)`` is called once before training with
+  the labels of the whole training set (its size is ``len(labels)``).
+* ``needs_teacher_net``: ``bind_teacher(net)`` is called once before training with the teacher
+  network (eval mode, no gradients), to derive constants from it. It must not be changed or kept
+  as a submodule.
+* ``pair_defaults``: hyperparameters that the reference code sets per (teacher, student) pair;
+  they override ``defaults`` for that pair, and the user's settings override both.
+* ``has_init_stage``: an init stage of ``init_epochs`` epochs (or ``init_fraction`` of the
+  recipe's) runs before the main stage; it minimises ``init_forward``'s terms over
+  ``init_parameters(student)`` only, with its own SGD at the recipe's constant learning rate.
+* ``family``: "logits", "features" or "relation", for listings.
 """
 from __future__ import annotations
 
@@ -34,7 +54,16 @@ from kdzoo.hookspecs import hookimpl
 from kdzoo.models import NetInfo, Outputs
 
 _RESERVED = set(dir(nn.Module)) | {"hparams", "epoch", "num_epochs", "label_smoothing", "student_info", "teacher_info"}
-_RESERVED |= {"signed_weights", "validate_batch_size", "start_epoch", "ce"}
+_RESERVED |= {"signed_weights", "validate_batch_size", "start_epoch", "ce", "family", "pair_defaults",
+              "bind_train_set", "bind_teacher", "init_forward", "init_parameters", "num_init_epochs"}
+#: Hyperparameters the base class interprets for methods with an init stage (``has_init_stage``).
+INIT_STAGE_DEFAULTS = {"init_epochs": 0, "init_fraction": 30 / 240}
+FAMILIES = ("logits", "features", "relation")
+
+
+class PairNotSupported(KDZooError):
+    """Raised by a method's ``__init__`` when it cannot serve this teacher/student pair at all (say which
+    and why). A benchmark marks the cell n/a and trains the rest; ``kdzoo distill`` stops with it."""
 
 # Names papers and other libraries use for kdzoo's hyperparameters, for "Did you mean" in errors.
 _ALIASES = {"temperature": "T", "temp": "T", "tau": "T"}
@@ -107,14 +136,32 @@ def coerce_hparams(method_name: str, defaults: dict[str, Any], overrides: dict[s
     return out
 
 
+def feature_parameters(student: nn.Module) -> list[nn.Parameter]:
+    """The student's parameters except its classifier's (RepDistiller's ``get_feat_modules``): what
+    AB's and FSP's init stages train. ``student`` is a :class:`~kdzoo.models.KDNet` or a timm model."""
+    model = getattr(student, "model", student)
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    skip = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
+    return [p for p in student.parameters() if id(p) not in skip]
+
+
 class Method(nn.Module):
     """Base class of distillation methods. Subclasses set the class attributes and ``forward``."""
 
     name: ClassVar[str] = ""
+    family: ClassVar[str] = ""  # "logits", "features" or "relation" (listings group by it)
     needs_teacher: ClassVar[bool] = True
     needs_features: ClassVar[bool] = False
     needs_embedding: ClassVar[bool] = False
+    needs_preact: ClassVar[bool] = False  # Outputs.preact: pre-activation stage outputs
+    needs_stem: ClassVar[bool] = False  # Outputs.stem: the stem's output (the first feature_info entry)
+    needs_indices: ClassVar[bool] = False  # forward(..., indices=...): the samples' training-set indices
+    needs_train_labels: ClassVar[bool] = False  # bind_train_set(labels) once before training
+    needs_teacher_net: ClassVar[bool] = False  # bind_teacher(net) once before training
+    has_init_stage: ClassVar[bool] = False  # init_forward over init_parameters before the main stage
+    init_uses_student: ClassVar[bool] = True  # False: the init stage needs no student forward (FT)
     defaults: ClassVar[dict[str, Any]] = {"w_ce": 1.0}
+    pair_defaults: ClassVar[dict[tuple[str, str], dict[str, Any]]] = {}  # (teacher, student) -> overrides
     reference: ClassVar[str] = ""  # where the definition comes from
     signed_weights: ClassVar[frozenset[str]] = frozenset()  # loss weights (w_* names) that may be negative
 
@@ -132,6 +179,52 @@ class Method(nn.Module):
         self.epoch = 0
         self.num_epochs = 1
         self.label_smoothing = 0.0
+        if self.has_init_stage:
+            missing = sorted(INIT_STAGE_DEFAULTS.keys() - self.hparams.keys())
+            if missing:  # a plugin bug, not a user error
+                raise TypeError(f"{type(self).__name__} has an init stage: add {missing} to its defaults "
+                                "(kdzoo.methods.INIT_STAGE_DEFAULTS)")
+            if self.init_epochs < 0 or not 0 <= self.init_fraction <= 1:
+                raise KDZooError(
+                    f"Method '{self.name}': init_epochs must be >= 0 (0: use init_fraction) and init_fraction in "
+                    f"[0, 1], got init_epochs={self.init_epochs}, init_fraction={self.init_fraction}.")
+
+    @classmethod
+    def resolve_defaults(cls, teacher: str | None, student: str | None) -> dict[str, Any]:
+        """``defaults`` with the pair's ``pair_defaults`` applied. Model names match with or without
+        the ``_cifar`` suffix (``resnet56`` and ``resnet56_cifar`` are one model)."""
+        def short(name: str | None) -> str | None:
+            return name[: -len("_cifar")] if name and name.endswith("_cifar") else name
+        wanted = (short(teacher), short(student))
+        out = dict(cls.defaults)
+        for (t, s), values in cls.pair_defaults.items():
+            if (short(t), short(s)) == wanted:
+                out.update(values)
+        return out
+
+    def num_init_epochs(self, main_epochs: int) -> int:
+        """Epochs of the init stage before ``main_epochs`` of the main one (0: no init stage)."""
+        if not self.has_init_stage:
+            return 0
+        if self.init_epochs > 0:
+            return int(self.init_epochs)
+        return max(1, round(self.init_fraction * main_epochs)) if self.init_fraction > 0 else 0
+
+    def init_parameters(self, student: nn.Module) -> list[nn.Parameter]:
+        """The parameters the init stage trains: this method's own, plus any of ``student`` it returns."""
+        return list(self.parameters())
+
+    def init_forward(self, student: Outputs | None, teacher: Outputs, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The init stage's weighted loss terms (``student`` is None when ``init_uses_student`` is False)."""
+        raise NotImplementedError(f"{type(self).__name__} sets has_init_stage but defines no init_forward")
+
+    def bind_train_set(self, labels: torch.Tensor) -> None:
+        """Called once before training (``needs_train_labels``) with the labels (int64, CPU) of every
+        training sample, in the order of the indices ``forward`` receives."""
+
+    def bind_teacher(self, net: nn.Module) -> None:
+        """Called once before training (``needs_teacher_net``) with the teacher network (a KDNet in eval
+        mode). Derive constants (buffers) from it; do not modify it or keep it as a submodule."""
 
     def start_epoch(self, epoch: int, num_epochs: int) -> None:
         """Called by the engine before each epoch (0-based)."""

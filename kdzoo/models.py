@@ -34,6 +34,9 @@ class NetInfo:
     embed_dim: int
     num_classes: int
     input_size: tuple[int, int] = (32, 32)
+    has_preact: bool = False  # the backbone declares its pre-activation stage outputs (Outputs.preact)
+    stem_channels: int = 0  # channels of Outputs.stem; 0: no stem output
+    stem_size: tuple[int, int] = (0, 0)
 
     @property
     def num_stages(self) -> int:
@@ -42,11 +45,16 @@ class NetInfo:
 
 @dataclass
 class Outputs:
-    """What a network produced for one batch. ``features``/``embedding`` are ``None`` unless asked for."""
+    """What a network produced for one batch. Everything but ``logits`` is ``None`` unless asked for.
+
+    ``preact[i]`` is stage ``i``'s output before its final activation (``features[i]`` is that
+    activation of it); ``stem`` is the stem's output (the first ``feature_info`` entry)."""
 
     logits: torch.Tensor
     features: list[torch.Tensor] | None = None
     embedding: torch.Tensor | None = None
+    preact: list[torch.Tensor] | None = None
+    stem: torch.Tensor | None = None
 
 
 def pair_stages(teacher: NetInfo, student: NetInfo) -> list[tuple[int, int]]:
