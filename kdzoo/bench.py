@@ -111,6 +111,9 @@ class Plan:
     variants: list[Variant]
     pairs: list[tuple[str, str]]
     flops: dict[str, int] = field(default_factory=dict)
+    # cells a method cannot serve (PairNotSupported at validation): {"teacher", "student", "column", "reason"}
+    unsupported: list[dict[str, str]] = field(default_factory=list)
+    init_epochs: dict[str, int] = field(default_factory=dict)  # column -> epochs of its method's init stage
 
     @property
     def runs(self) -> list[RunSpec]:
@@ -290,13 +293,17 @@ def expand(bench: BenchConfig, data: DataShape, registry: Registry) -> Plan:
 
 
 # -- validation --------------------------------------------------------------------------------
-def validate(plan: Plan, registry: Registry) -> dict[str, int]:
+def validate(plan: Plan, registry: Registry, train_labels: torch.Tensor | None = None) -> dict[str, int]:
     """Build every model and every method and take a dry training step of each at the smallest
     batch it will train on (``kdzoo.engine.preflight``), before any training; refuse two method
     entries that are the same run once defaults are applied.
 
-    Returns forward FLOPs per image of each student. Errors name the YAML path.
+    A method that cannot serve a pair (``PairNotSupported``) does not stop the benchmark: its runs for
+    that pair leave the plan and the cell is recorded in ``plan.unsupported`` (the report shows n/a).
+    ``train_labels`` (the training split's, for methods that bind them) default to stand-ins of the
+    right size. Returns forward FLOPs per image of each student. Errors name the YAML path.
     """
+    from kdzoo.methods import PairNotSupported
     from torch.utils.flop_counter import FlopCounterMode
 
     from kdzoo.data import train_batch_sizes
@@ -317,6 +324,8 @@ def validate(plan: Plan, registry: Registry) -> dict[str, int]:
     flops: dict[str, int] = {}
     x = torch.randn(1, 3, *shape.image_size)
     n_train = shape.n_train
+    if train_labels is None:
+        train_labels = torch.arange(n_train) % shape.num_classes
     for i, t in enumerate(plan.teachers):
         if t.checkpoint and t.format != NATIVE_FORMAT:  # read and convert now: every error before training
             try:
@@ -362,8 +371,14 @@ def validate(plan: Plan, registry: Registry) -> dict[str, int]:
         for v in plan.variants:
             where = f"{v.path} ({v.label}) with teacher {t_name} → student {s_name}"
             try:
-                method = build_method(registry, v.method, v.hparams, student.info, teacher.info, 0)
+                method = build_method(registry, v.method, v.hparams, student.info, teacher.info, 0,
+                                      pair=(t_name, s_name), teacher_net=teacher, train_labels=train_labels)
                 preflight(student, method, teacher, sizes, model=s_name, input_size=shape.image_size)
+                if method.num_init_epochs(cohort.recipe.epochs):
+                    plan.init_epochs[v.label] = method.num_init_epochs(cohort.recipe.epochs)
+            except PairNotSupported as e:
+                plan.unsupported.append({"teacher": t_name, "student": s_name, "column": v.label, "reason": str(e)})
+                continue
             except KDZooError as e:
                 raise KDZooError(f"{where}: {e}") from e
             except Exception as e:
@@ -371,13 +386,21 @@ def validate(plan: Plan, registry: Registry) -> dict[str, int]:
                     f"{where}: the method fails on a dry forward ({type(e).__name__}: {e}). "
                     "This pair cannot be distilled with it; change the pair or the method's options."
                 ) from e
-            first = same_run.setdefault(json.dumps([v.method, method.hparams], sort_keys=True, default=str), v)
+            first = same_run.setdefault(json.dumps([v.method, t_name, s_name, method.hparams], sort_keys=True,
+                                                   default=str), v)
             if first is not v:
                 raise KDZooError(
                     f"{entry(first)} and {entry(v)} are the same run: method '{v.method}' with "
                     f"{', '.join(f'{k}={val}' for k, val in method.hparams.items())} once its defaults are "
                     "applied, so it would train twice as two columns. Remove one of them, or change a hyperparameter."
                 )
+    if plan.unsupported:  # those runs leave the plan; a cohort left empty goes too
+        gone = {(u["teacher"], u["student"], u["column"]) for u in plan.unsupported}
+        for c in plan.cohorts:
+            kept = [r for r in c.runs if (c.teacher.model, c.student.model, r.variant.label) not in gone]
+            if len(kept) != len(c.runs):
+                c.runs, c.cohort_id = kept, _hash({"runs": [r.run_id for r in kept]})
+        plan.cohorts = [c for c in plan.cohorts if c.runs]
     return flops
 
 
@@ -527,7 +550,8 @@ def run_cohort(cohort: Cohort, teacher: TeacherRecord, ctx: Context) -> None:
         student = build_student(ctx.registry, cohort.student.model, cohort.student.options, cohort.seed,
                                 ctx.data.num_classes, ctx.data.image_size)
         method = build_method(ctx.registry, run.variant.method, run.variant.hparams, student.info, teacher_net.info,
-                              cohort.seed)
+                              cohort.seed, pair=(cohort.teacher.model, cohort.student.model), teacher_net=teacher_net,
+                              train_labels=ctx.data.train_y)
         members.append(Member(run.variant.label, student, method,
                               origin=ctx.registry.describe_origin(run.variant.method)))
     trainer = Trainer(members, ctx.data, cohort.recipe, teacher=teacher_net, seed=cohort.seed, device=ctx.device,
@@ -547,7 +571,14 @@ def run_cohort(cohort: Cohort, teacher: TeacherRecord, ctx: Context) -> None:
 
 def budget(plan: Plan, data: Data) -> str:
     r = plan.cohorts[0].recipe if plan.cohorts else plan.bench.recipe
-    return (f"{data.dataset}: {r.epochs} student epochs ({r.schedule}, lr {r.lr}, batch {r.batch_size}), "
+    init = ""
+    if plan.init_epochs:
+        by_epochs: dict[int, list[str]] = {}
+        for column, n in plan.init_epochs.items():
+            by_epochs.setdefault(n, []).append(column)
+        init = " (" + "; ".join(f"{', '.join(cols)}: + {n} init-stage epoch{'s' if n != 1 else ''} before them"
+                                for n, cols in sorted(by_epochs.items())) + ")"
+    return (f"{data.dataset}: {r.epochs} student epochs{init} ({r.schedule}, lr {r.lr}, batch {r.batch_size}), "
             f"{len(data.train_y):,} train / {len(data.test_y):,} test images")
 
 
@@ -558,7 +589,8 @@ def bench_summary(plan: Plan, data: Data) -> BenchRecord:
                        columns=[v.label for v in plan.variants], pairs=[list(p) for p in plan.pairs],
                        seeds=list(plan.bench.seeds), reference=ref, run_ids=[r.run_id for r in plan.runs],
                        teachers={t.model: t.key for t in plan.teachers}, data_fingerprint=plan.data.fingerprint,
-                       config=dataclasses.asdict(plan.bench), kdzoo=kdzoo.__version__)
+                       config=dataclasses.asdict(plan.bench), kdzoo=kdzoo.__version__,
+                       unsupported=list(plan.unsupported))
 
 
 def teachers_to_ensure(plan: Plan, todo: list[Cohort], store: Store) -> list[TeacherJob]:
@@ -625,7 +657,7 @@ def prepare(path: str | Path, registry: Registry, device: str | None = None, coh
     dev = resolve_device(device or bench.device)
     data = load_data(registry, bench.data, dev)
     plan = expand(bench, data.shape(), registry)
-    plan.flops = validate(plan, registry)
+    plan.flops = validate(plan, registry, data.train_y.cpu())
     return plan, data, dev
 
 

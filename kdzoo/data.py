@@ -336,8 +336,10 @@ class Data:
         return perm, offsets, flips
 
     def train_batches(self, seed: int, epoch: int, batch_size: int, augment: bool = True,
-                      drop_last: bool = True, flip: str = "random") -> Iterator[tuple[Tensor, Tensor]]:
-        """Yield ``(images float32 (B, 3, H, W) normalised, labels int64 (B,))`` for one epoch.
+                      drop_last: bool = True, flip: str = "random",
+                      with_indices: bool = False) -> Iterator[tuple[Tensor, ...]]:
+        """Yield ``(images float32 (B, 3, H, W) normalised, labels int64 (B,))`` for one epoch, plus the
+        samples' training-set indices (int64 (B,), on the data's device) when ``with_indices``.
 
         A pure function of ``(seed, epoch)`` (see the module docstring). With ``augment`` each
         image is a random HxW window of its 4-pixel zero-padded self, mirrored when its flip is
@@ -365,7 +367,10 @@ class Data:
                 cols = offsets[1, sl, None] + torch.where(flips[sl, None], cols_rev, cols_ar)
                 x = padded.gather(2, rows[:, None, :, None].expand(b, 3, h, w + 2 * pad))
                 x = x.gather(3, cols[:, None, None, :].expand(b, 3, h, w))
-            yield self.normalize(x), self.train_y.index_select(0, idx)
+            if with_indices:
+                yield self.normalize(x), self.train_y.index_select(0, idx), idx
+            else:
+                yield self.normalize(x), self.train_y.index_select(0, idx)
 
     def eval_batches(self, split: str = "test", batch_size: int = 1000) -> Iterator[tuple[Tensor, Tensor]]:
         """Yield normalised ``(images, labels)`` of ``split`` ("test", "val" or "train") in order, last partial batch included."""

@@ -57,9 +57,37 @@ class Member:
     optimizer: torch.optim.Optimizer | None = None
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
     rng_state: list[torch.Tensor] | None = None  # CPU (and CUDA) generator states between steps
+    init_epochs: int = 0  # epochs of the method's init stage, before the recipe's (set by the Trainer)
+    init_optimizer: torch.optim.Optimizer | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
     wall_time: float = 0.0
+
+
+def wants(method: Method) -> dict[str, bool]:
+    """The outputs ``method`` asks a network for, as ``KDNet.forward`` keyword arguments (only those it needs)."""
+    asked = {"features": method.needs_features, "embedding": method.needs_embedding,
+             "preact": method.needs_preact, "stem": method.needs_stem}
+    return {k: True for k, v in asked.items() if v}
+
+
+def call_method(method: Method, fn: Callable[..., dict[str, torch.Tensor]], student: Outputs | None,
+                teacher: Outputs | None, labels: torch.Tensor, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``fn(student, teacher, labels)`` (``forward`` or ``init_forward``), with ``indices=`` when the method asks."""
+    teacher = teacher if method.needs_teacher else None
+    if method.needs_indices:
+        return fn(student, teacher, labels, indices=indices)
+    return fn(student, teacher, labels)
+
+
+def build_init_optimizer(member: Member, recipe: Recipe) -> torch.optim.Optimizer:
+    """The init stage's SGD over ``method.init_parameters(student)``, at the recipe's constant learning rate
+    (RepDistiller's ``init``)."""
+    params = [p for p in member.method.init_parameters(member.student) if p.requires_grad]
+    if not params:
+        raise KDZooError(f"Method '{member.method.name}' has an init stage but init_parameters() returned no "
+                         "trainable parameter.")
+    return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -267,18 +295,22 @@ def preflight(student: KDNet, method: Method | None, teacher: KDNet | None, batc
             return
         try:
             t_out = None
+            idx = torch.arange(b, device=device)
             if method.needs_teacher:
                 teacher.eval()
                 with torch.no_grad():
-                    t_out = teacher(x, features=method.needs_features, embedding=method.needs_embedding)
+                    t_out = teacher(x, **wants(method))
             student.train()
             method.train()
-            s_out = student(x, features=method.needs_features, embedding=method.needs_embedding)
-            terms = method(s_out, t_out, y)
-            _check_terms(terms)
-            loss = sum(terms.values())
-            if loss.requires_grad:
-                loss.backward()
+            stages = [method.forward] + ([method.init_forward] if method.has_init_stage else [])
+            for fn in stages:  # the main stage, and the init stage if there is one
+                uses_student = fn is method.forward or method.init_uses_student
+                s_out = student(x, **wants(method)) if uses_student else None
+                terms = call_method(method, fn, s_out, t_out, y, idx)
+                _check_terms(terms)
+                loss = sum(terms.values())
+                if loss.requires_grad:
+                    loss.backward()
         except KDZooError:
             raise
         except Exception as e:
@@ -293,7 +325,12 @@ def preflight(student: KDNet, method: Method | None, teacher: KDNet | None, batc
 
 
 class Trainer:
-    """Trains a cohort of members on ``data`` following ``recipe``; see the module docstring."""
+    """Trains a cohort of members on ``data`` following ``recipe``; see the module docstring.
+
+    A member whose method has an init stage first trains ``init_epochs`` epochs of it, then the
+    recipe's epochs. Epochs are counted globally, so the batches of a member's every epoch are the
+    same in a cohort as alone; members with shorter runs finish early.
+    """
 
     def __init__(
         self,
@@ -326,12 +363,14 @@ class Trainer:
                 m.student.model.compile()
             m.optimizer = m.optimizer or build_optimizer(m, recipe)
             m.scheduler = m.scheduler or torch.optim.lr_scheduler.LambdaLR(m.optimizer, lr_factor(recipe, self.steps_per_epoch))
+            m.init_epochs = m.method.num_init_epochs(recipe.epochs)
+            if m.init_epochs and m.init_optimizer is None:
+                m.init_optimizer = build_init_optimizer(m, recipe)
             if m.rng_state is None:
                 m.rng_state = _initial_rng(seed, self.device)
         if teacher is not None:
             teacher.to(self.device, memory_format=self.memory_format).eval().requires_grad_(False)
-        self.need_features = any(m.method.needs_features for m in members)
-        self.need_embedding = any(m.method.needs_embedding for m in members)
+        self.epochs = max(m.init_epochs for m in members) + recipe.epochs  # global epochs of the cohort
         self._teacher_pred: dict[str, torch.Tensor] = {}
 
     # -- evaluation ---------------------------------------------------------------------------
@@ -362,32 +401,54 @@ class Trainer:
         return results
 
     # -- training -----------------------------------------------------------------------------
-    def _teacher_outputs(self, x: torch.Tensor) -> Outputs | None:
-        if self.teacher is None or not any(m.method.needs_teacher for m in self.active):
+    def stage(self, m: Member, epoch: int) -> tuple[str, int] | None:
+        """``("init", e)`` or ``("main", e)`` (``e`` 0-based within the stage) for global ``epoch``; None once done."""
+        if epoch < m.init_epochs:
+            return "init", epoch
+        if epoch - m.init_epochs < self.recipe.epochs:
+            return "main", epoch - m.init_epochs
+        return None
+
+    def _teacher_outputs(self, x: torch.Tensor, members: list[Member]) -> Outputs | None:
+        users = [m for m in members if m.method.needs_teacher]
+        if self.teacher is None or not users:
             return None
+        asked: dict[str, bool] = {}
+        for m in users:
+            asked.update(wants(m.method))
         with torch.inference_mode(), self._autocast():
-            out = self.teacher(x, features=self.need_features, embedding=self.need_embedding)
+            out = self.teacher(x, **asked)
         # Inference tensors cannot be saved for backward; a clone outside inference mode can.
+        clone = lambda t: t.clone() if t is not None else None  # noqa: E731
         return Outputs(
             logits=out.logits.clone(),
             features=[f.clone() for f in out.features] if out.features is not None else None,
-            embedding=out.embedding.clone() if out.embedding is not None else None,
+            embedding=clone(out.embedding),
+            preact=[f.clone() for f in out.preact] if out.preact is not None else None,
+            stem=clone(out.stem),
         )
 
     @property
     def active(self) -> list[Member]:
         return [m for m in self.members if m.error is None]
 
-    def _step(self, m: Member, x: torch.Tensor, y: torch.Tensor, t_out: Outputs | None, sums: dict) -> torch.Tensor:
+    def _step(self, m: Member, stage: str, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor,
+              t_out: Outputs | None, sums: dict) -> torch.Tensor:
+        method = m.method
+        init = stage == "init"
+        optimizer = m.init_optimizer if init else m.optimizer
         with _member_rng(m, self.device), self._autocast():
-            s_out = m.student(x, features=m.method.needs_features, embedding=m.method.needs_embedding)
-            terms = m.method(s_out, t_out if m.method.needs_teacher else None, y)
+            uses_student = not init or method.init_uses_student
+            s_out = m.student(x, **wants(method)) if uses_student else None
+            terms = call_method(method, method.init_forward if init else method.forward, s_out, t_out, y, idx)
         _check_terms(terms)
         loss = sum(terms.values())
-        m.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        m.optimizer.step()
-        m.scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if loss.requires_grad:
+            loss.backward()
+        optimizer.step()
+        if not init:
+            m.scheduler.step()
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + v.detach().float()
         return loss.detach()
@@ -403,22 +464,34 @@ class Trainer:
             )
 
     def train_epoch(self, epoch: int) -> None:
+        """Global epoch ``epoch`` (0-based): each member takes its step of the stage it is in."""
+        stages: dict[str, tuple[str, int]] = {}
         for m in self.active:
+            where = self.stage(m, epoch)
+            if where is None:
+                continue
+            stages[m.label] = where
             m.student.train()
             m.method.train()
-            m.method.start_epoch(epoch, self.recipe.epochs)
-        sums: dict[str, dict] = {m.label: {} for m in self.members}
+            if where[0] == "main":
+                m.method.start_epoch(where[1], self.recipe.epochs)
+        members = [m for m in self.active if m.label in stages]
+        if not members:
+            return
+        sums: dict[str, dict] = {m.label: {} for m in members}
         seen = 0
         check_every = 1 if self.device.type == "cpu" else 50  # a finite check is a host sync on GPU
         pending: dict[str, torch.Tensor] = {}
         t_start = time.perf_counter()
-        batches = self.data.train_batches(self.seed, epoch, self.recipe.batch_size, flip=self.recipe.flip)
-        for step, (x, y) in enumerate(batches):
+        batches = self.data.train_batches(self.seed, epoch, self.recipe.batch_size, flip=self.recipe.flip,
+                                          with_indices=True)
+        for step, (x, y, idx) in enumerate(batches):
             x = x.contiguous(memory_format=self.memory_format)
-            t_out = self._teacher_outputs(x)
-            for m in self.active:
+            running = [m for m in members if m.error is None]
+            t_out = self._teacher_outputs(x, running)
+            for m in running:
                 try:
-                    loss = self._step(m, x, y, t_out, sums[m.label])
+                    loss = self._step(m, stages[m.label][0], x, y, idx, t_out, sums[m.label])
                     pending[m.label] = pending.get(m.label, 0.0) + loss  # NaN and inf survive the sum
                     if (step + 1) % check_every == 0:
                         self._check_finite(m, pending.pop(m.label), sums[m.label], epoch, step)
@@ -429,38 +502,45 @@ class Trainer:
                     m.error = f"Method '{m.method.name}'{origin} failed: {type(e).__name__}: {e}"
             seen += len(y)
             self.progress.step(len(y))
-            if not self.active:
+            if not any(m.error is None for m in members):
                 break
-        for m in self.active:
-            if m.label in pending:
+        for m in members:
+            if m.error is None and m.label in pending:
                 try:
                     self._check_finite(m, pending.pop(m.label), sums[m.label], epoch, self.steps_per_epoch - 1)
                 except KDZooError as e:
                     m.error = str(e)
         wall = time.perf_counter() - t_start
         records = {}
-        for m in self.active:
+        for m in members:
+            if m.error is not None:
+                continue
             m.wall_time += wall
+            stage, e = stages[m.label]
+            optimizer = m.init_optimizer if stage == "init" else m.optimizer
             record = {
-                "epoch": epoch + 1,
-                "lr": m.optimizer.param_groups[0]["lr"],
+                "epoch": e + 1,
+                "stage": stage,
+                "lr": optimizer.param_groups[0]["lr"],
                 "loss": {k: (v / max(1, self.steps_per_epoch)).item() for k, v in sums[m.label].items()},
                 "train_img_per_s": seen / wall if wall > 0 else 0.0,
                 "epoch_time_s": wall,
             }
-            record.update(self.evaluate(m))
+            if stage == "main":  # the init stage trains parts of the net towards the teacher, not the task
+                record.update(self.evaluate(m))
             m.history.append(record)
             records[m.label] = record
         self.progress.epoch_end(epoch, records)
 
     def fit(self, start_epoch: int = 0, on_epoch: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
-        """Train from ``start_epoch`` to the recipe's end; return one result dict per member.
+        """Train from global epoch ``start_epoch`` to the end (``self.epochs``: the longest init stage of
+        the cohort plus the recipe's epochs); return one result dict per member.
 
         ``on_epoch(epochs_done)`` runs after each epoch (the benchmark saves a resumable checkpoint there).
         """
-        self.progress.run_start([m.label for m in self.members], self.recipe.epochs, self.steps_per_epoch, start_epoch)
+        self.progress.run_start([m.label for m in self.members], self.epochs, self.steps_per_epoch, start_epoch)
         try:
-            for epoch in range(start_epoch, self.recipe.epochs):
+            for epoch in range(start_epoch, self.epochs):
                 if not self.active:
                     break
                 self.train_epoch(epoch)
@@ -471,12 +551,13 @@ class Trainer:
         return [self.result(m) for m in self.members]
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue bit-identically: weights, optimiser, schedule, RNG, history."""
+        """Everything needed to continue bit-identically: weights, optimisers, schedule, RNG, history."""
         return {"members": [{
             "label": m.label,
             "student": m.student.state_dict(),
             "method": m.method.state_dict(),
             "optimizer": m.optimizer.state_dict(),
+            "init_optimizer": m.init_optimizer.state_dict() if m.init_optimizer is not None else None,
             "scheduler": m.scheduler.state_dict(),
             "rng_state": m.rng_state,
             "history": m.history,
@@ -492,28 +573,32 @@ class Trainer:
             m.student.load_state_dict(s["student"])
             m.method.load_state_dict(s["method"])
             m.optimizer.load_state_dict(s["optimizer"])
+            if m.init_optimizer is not None and s.get("init_optimizer") is not None:
+                m.init_optimizer.load_state_dict(s["init_optimizer"])
             m.scheduler.load_state_dict(s["scheduler"])
             m.rng_state = s["rng_state"]
             m.history, m.error, m.wall_time = s["history"], s["error"], s["wall_time"]
 
     def result(self, m: Member) -> dict[str, Any]:
-        """A JSON-able summary: status, history, last- and best-epoch metrics, sizes and speed."""
+        """A JSON-able summary: status, history, last- and best-epoch metrics (of the main stage), sizes and speed."""
+        main = [r for r in m.history if r.get("stage", "main") == "main"]
         out: dict[str, Any] = {
             "label": m.label,
             "method": m.method.name,
             "hparams": dict(m.method.hparams),
             "status": "failed" if m.error else "ok",
             "error": m.error,
-            "epochs_done": len(m.history),
+            "epochs_done": len(main),
+            "init_epochs_done": len(m.history) - len(main),
             "history": m.history,
             "params": {"student": count_params(m.student), "method": count_params(m.method)},
             "wall_time_s": m.wall_time,
         }
-        if m.history:
+        if main:
             # With a validation split the best epoch is chosen on it, not on the test set.
-            split = "val" if "val" in m.history[0] else "test"
-            best = max(m.history, key=lambda r: r[split]["top1"])
-            out["last"] = m.history[-1]["test"]
+            split = "val" if "val" in main[0] else "test"
+            best = max(main, key=lambda r: r[split]["top1"])
+            out["last"] = main[-1]["test"]
             out["best"] = {"epoch": best["epoch"], "chosen_on": split, **best["test"]}
-            out["img_per_s"] = statistics.median(r["train_img_per_s"] for r in m.history)
+            out["img_per_s"] = statistics.median(r["train_img_per_s"] for r in main)
         return out

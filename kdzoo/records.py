@@ -169,6 +169,8 @@ class BenchRecord:
     data_fingerprint: str = ""
     config: dict[str, Any] = field(default_factory=dict)
     kdzoo: str = ""
+    # cells a method cannot serve, decided at validation: {"teacher", "student", "column", "reason"}
+    unsupported: list[dict[str, str]] = field(default_factory=list)
     schema: str = BENCH_SCHEMA
 
     def check(self) -> None:

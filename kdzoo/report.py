@@ -16,7 +16,8 @@ teacher record, the students' ``teacher`` blocks supply its numbers.
 
 Cell states: ``ok`` (every seed finished), ``partial`` (some seeds finished, others failed or not
 run: stats cover the finished seeds and the cell says what is missing), ``failed`` (no seed
-finished, at least one failed) and ``missing`` (nothing run yet, shown as "—").
+finished, at least one failed), ``missing`` (nothing run yet, shown as "—") and ``n/a`` (the method
+cannot serve the pair, decided at plan validation; the reason is listed under the table).
 """
 from __future__ import annotations
 
@@ -74,7 +75,7 @@ class Cell:
     variant: str
     method: str
     stat: Stat
-    status: str  # "ok" | "partial" | "failed" | "missing"
+    status: str  # "ok" | "partial" | "failed" | "missing" | "n/a"
     failed_seeds: list[int] = field(default_factory=list)
     missing_seeds: list[int] = field(default_factory=list)
     delta: Stat | None = None  # paired differences vs ce; None for the ce column itself
@@ -125,6 +126,7 @@ class Summary:
     failures: list[Failure]
     reference_source: str | None = None
     reference_metric: str | None = None  # "top1" | "error"
+    not_applicable: list[str] = field(default_factory=list)  # "teacher → student column: reason"
 
     @property
     def metric_label(self) -> str:
@@ -266,9 +268,13 @@ def summarize(records: list[Record], bench: BenchRecord, metric: str = "last") -
 
     failures: list[Failure] = []
     rows: list[Row] = []
+    not_applicable = {(u["teacher"], u["student"], u["column"]): u["reason"] for u in bench.unsupported}
     for pair in pairs:
         by_variant = {v: _runs_by_seed(students, pair, v, seeds) for v in columns}
         cells = [_cell(by_variant[v], pair, v, seeds, metric, failures) for v in columns]
+        for c in cells:
+            if (pair[0], pair[1], c.variant) in not_applicable and not c.stat.n:
+                c.status = "n/a"
         ce = next((c for c in cells if c.variant == "ce"), None)
         if ce is not None:
             ce_vals = dict(zip(ce.stat.seeds, ce.stat.values))
@@ -299,6 +305,7 @@ def summarize(records: list[Record], bench: BenchRecord, metric: str = "last") -
         columns=columns, rows=rows,
         failures=failures, reference_source=(str(ref.get("source", "")) if ref is not None else None),
         reference_metric=ref_metric,
+        not_applicable=[f"{t} → {st} {col}: {_one_line(reason)}" for (t, st, col), reason in not_applicable.items()],
     )
 
 
@@ -353,6 +360,8 @@ def _teacher_text(row: Row) -> str:
 def _rich_cell(cell: Cell, summary: Summary) -> Text:
     if cell.status == "missing":
         text = Text("—", style="dim")
+    elif cell.status == "n/a":
+        text = Text("n/a", style="dim")
     elif cell.status == "failed":
         text = Text("failed", style="bold red")
     else:
@@ -392,6 +401,8 @@ def render_table(summary: Summary, console: Console) -> None:
     console.print(table)
     if summary.reference_source is not None:
         console.print(f"Reference: {summary.reference_source}", highlight=False)
+    for line in summary.not_applicable:
+        console.print(Text(f"n/a: {line}", style="dim"), soft_wrap=True)
     if summary.failures:
         console.print(f"[bold red]{len(summary.failures)} failed run(s):[/]", highlight=False)
         for line in _failure_lines(summary):
@@ -412,8 +423,8 @@ def _md_escape(text: str) -> str:
 
 
 def _markdown_cell(cell: Cell, summary: Summary) -> str:
-    if cell.status == "missing":
-        lines = ["—"]
+    if cell.status in ("missing", "n/a"):
+        lines = ["—" if cell.status == "missing" else "n/a"]
     elif cell.status == "failed":
         lines = ["failed"]
     else:
@@ -445,6 +456,8 @@ def to_markdown(summary: Summary) -> str:
         out.append("| " + " | ".join(cells) + " |")
     if summary.reference_source is not None:
         out += ["", f"Reference: {summary.reference_source}"]
+    if summary.not_applicable:
+        out += ["", "Not applicable (n/a):", ""] + [f"- {_md_escape(line)}" for line in summary.not_applicable]
     if summary.failures:
         out += ["", f"Failed runs ({len(summary.failures)}):", ""]
         out += [f"- {_md_escape(line)}" for line in _failure_lines(summary)]
@@ -520,6 +533,7 @@ def to_json(summary: Summary) -> dict[str, Any]:
              "run_id": f.run_id, "error": f.error}
             for f in summary.failures
         ],
+        "not_applicable": summary.not_applicable,
     }
 
 

@@ -15,7 +15,7 @@ import kdzoo
 from kdzoo import KDZooError, cache_dir
 from kdzoo.checkpoint import atomic_write, ensure_writable_dir, save_checkpoint
 from kdzoo.config import DataConfig, RunConfig
-from kdzoo.data import Data, prepare_data, train_batch_sizes, train_set_size
+from kdzoo.data import Data, prepare_data, train_batch_sizes
 from kdzoo.datasets import Arrays
 from kdzoo.engine import Member, Progress, Trainer, preflight, resolve_device
 from kdzoo.methods import Method
@@ -34,13 +34,30 @@ def build_student(registry: Registry, name: str, options: dict[str, Any], seed: 
 
 
 def build_method(
-    registry: Registry, name: str, hparams: dict[str, Any], student: NetInfo, teacher: NetInfo | None, seed: int
+    registry: Registry, name: str, hparams: dict[str, Any], student: NetInfo, teacher: NetInfo | None, seed: int,
+    *, pair: tuple[str, str] | None = None, teacher_net: KDNet | None = None, train_labels: torch.Tensor | None = None,
 ) -> Method:
-    """The method ``name`` for this student/teacher pair; its own parameters are seeded too."""
+    """The method ``name`` for this student/teacher pair, ready to train; its own parameters are seeded too.
+
+    ``pair`` (teacher and student model names) selects the method's ``pair_defaults``; ``hparams`` (the
+    user's) win over them. A method that asks for them gets ``bind_teacher(teacher_net)`` and
+    ``bind_train_set(train_labels)`` here, before any training."""
     cls = registry.method(name)
+    if pair is not None:
+        base = cls.defaults
+        hparams = {**{k: v for k, v in cls.resolve_defaults(*pair).items() if base.get(k) != v}, **hparams}
     torch.manual_seed(seed + 1)
     try:
-        return cls(student, teacher, **hparams)
+        method = cls(student, teacher, **hparams)
+        if cls.needs_teacher_net:
+            if teacher_net is None:
+                raise ValueError(f"method '{name}' needs the teacher network: pass teacher_net")
+            method.bind_teacher(teacher_net)
+        if cls.needs_train_labels:
+            if train_labels is None:
+                raise ValueError(f"method '{name}' needs the training labels: pass train_labels")
+            method.bind_train_set(train_labels.cpu())
+        return method
     except KDZooError:
         raise
     except Exception as e:
@@ -126,12 +143,13 @@ def run_single(cfg: RunConfig, registry: Registry, progress: Progress | None = N
                                              model=cfg.teacher_model, num_classes=arrays.num_classes,
                                              image_size=arrays.image_size, class_names=arrays.class_names)
     student = build_student(registry, cfg.model, cfg.model_options, cfg.seed, arrays.num_classes, arrays.image_size)
-    method = build_method(registry, cfg.method, cfg.hparams, student.info, teacher.info if teacher else None, cfg.seed)
-    # Before training: can this student and method train at the batch sizes the run will see?
-    n_train = train_set_size(cfg.data.train_size, cfg.data.val_size, len(arrays.y_train))
-    preflight(student, method, teacher, train_batch_sizes(n_train, cfg.recipe.batch_size), model=cfg.model,
-              input_size=arrays.image_size)
     data = load_data(registry, cfg.data, device, arrays)
+    method = build_method(registry, cfg.method, cfg.hparams, student.info, teacher.info if teacher else None, cfg.seed,
+                          pair=(teacher_meta["model"], cfg.model) if teacher_meta else None, teacher_net=teacher,
+                          train_labels=data.train_y)
+    # Before training: can this student and method train at the batch sizes the run will see?
+    preflight(student, method, teacher, train_batch_sizes(len(data.train_y), cfg.recipe.batch_size), model=cfg.model,
+              input_size=arrays.image_size)
     member = Member(label=f"{cfg.model}/{cfg.method}", student=student, method=method,
                     origin=registry.describe_origin(cfg.method))
     trainer = Trainer([member], data, cfg.recipe, teacher=teacher, seed=cfg.seed, device=device, progress=progress)
