@@ -21,6 +21,9 @@ Rows (images per second are medians over timed windows, after untimed warm-up wi
   ``num_workers``) over a fixed number of batches.
 * **P5** resnet20 trained with ``ce`` in the engine, converted to FLOP/s (3x the forward FLOPs
   counted by ``torch.utils.flop_counter``) against the fp32 matmul peak measured in this run.
+* **P6** the cost of each method's main-stage training step relative to ``ce`` (resnet56 ->
+  resnet20, every first-party method with its defaults; an init stage is timed separately as
+  ``<name> init``), and the peak memory of each: users choose methods by cost too.
 
 How it is timed. Competing configurations are *interleaved*: every round runs one window of
 each (order reversed on odd rounds), so load from other processes hits them alike; ratios are
@@ -68,6 +71,7 @@ from kdzoo.runner import build_method, build_student
 
 TEACHER, STUDENT = "resnet56", "resnet20"
 COHORT = ("ce", "kd", "fitnets", "attention", "rkd")
+FIRST_PARTY = ("kdzoo",)  # the distribution whose methods P6 times (kdzoo's own, the builtin ce included)
 SEED = 0
 
 
@@ -193,10 +197,14 @@ def bench_recipe(batch_size: int, **kw: Any) -> Recipe:
     return Recipe(epochs=100_000, batch_size=batch_size, eval_batch_size=1000, **kw)
 
 
-def make_member(registry: Registry, method: str, teacher: nn.Module | None, seed: int = SEED) -> Member:
+def make_member(registry: Registry, method: str, teacher: nn.Module | None, seed: int = SEED,
+                labels: torch.Tensor | None = None, **hparams: Any) -> Member:
     student = build_student(registry, STUDENT, {}, seed, num_classes=10)
     info = teacher.info if teacher is not None else None
-    return Member(method, student, build_method(registry, method, {}, student.info, info, seed))
+    if labels is None:
+        labels = torch.arange(50_000) % 10  # a full CIFAR-10-sized memory bank for methods that keep one
+    return Member(method, student, build_method(registry, method, hparams, student.info, info, seed,
+                                                pair=(TEACHER, STUDENT), teacher_net=teacher, train_labels=labels))
 
 
 def make_teacher(registry: Registry) -> nn.Module:
@@ -424,7 +432,7 @@ def say(msg: str) -> None:
     print(f"[{time.perf_counter() - _T0:6.1f} s] {msg}", file=sys.stderr, flush=True)
 
 
-ROWS = ("P1", "P2", "P3", "P4", "P5")
+ROWS = ("P1", "P2", "P3", "P4", "P5", "P6")
 
 
 def run_benchmark(path: str, device: torch.device, s: Settings, only: tuple[str, ...] = ROWS,
@@ -577,6 +585,34 @@ def run_benchmark(path: str, device: torch.device, s: Settings, only: tuple[str,
             rows["P5 bf16"] = Row("P5'", "the same against the bf16 matmul peak (the dtype it computes in)",
                                   p5["training"], p5["bf16 matmul peak"], rb, f"{100 * rb:.0f}% of peak",
                                   "(info)", None)
+
+    # -- P6: the cost of each method's step relative to ce ---------------------------------------
+    if "P6" in only:
+        say("P6: each method's training step vs ce ...")
+        teacher = make_teacher(registry)
+        first_party = sorted(n for n in registry.methods
+                             if registry.plugin(registry.owner[("method", n)]).dist in FIRST_PARTY)
+        runners = {}
+        for name in first_party:
+            cls = registry.method(name)
+            if cls.has_init_stage:  # the main stage here; the init stage as a row of its own
+                runners[name] = engine_runner(Trainer([make_member(registry, name, teacher, init_fraction=0.0)],
+                                                      window_data, recipe, teacher=teacher, seed=SEED, device=device))
+                init = make_member(registry, name, teacher)
+                init_trainer = Trainer([init], window_data, recipe, teacher=teacher, seed=SEED, device=device)
+                init.init_epochs = 10 ** 9  # every timed window is an init-stage epoch
+                runners[f"{name} init"] = engine_runner(init_trainer)
+            else:
+                runners[name] = engine_runner(Trainer([make_member(registry, name, teacher if cls.needs_teacher else None)],
+                                                      window_data, recipe, teacher=teacher, seed=SEED, device=device))
+        p6 = interleave(runners, s.windows, s.warmup, mem)
+        for name in runners:
+            if name == "ce":
+                continue
+            cost = paired_ratio(p6["ce"], p6[name])  # time per step relative to ce
+            rows[f"P6 {name}"] = Row("P6", f"{name} step vs ce ({TEACHER}->{STUDENT})", p6[name], p6["ce"], cost,
+                                     f"{cost:.2f}x ce", "(info)", None)
+        del runners
 
     return {
         "device": str(device),
