@@ -38,6 +38,7 @@ class Attention(Method):
     """Attention transfer: ``w_ce * CE(s, y) + w_at * sum_pairs at_loss``. Terms: ``"ce"``, ``"at"``."""
 
     name = "attention"
+    family = "features"
     needs_teacher = True
     needs_features = True
     defaults = {"w_ce": 1.0, "w_at": 1000.0, "p": 2.0}

@@ -60,6 +60,7 @@ class FitNets(Method):
     """
 
     name = "fitnets"
+    family = "features"
     needs_teacher = True
     needs_features = True
     defaults = {"w_ce": 1.0, "w_hint": 100.0, "hint_stage": 2, "hint_epochs": 0}

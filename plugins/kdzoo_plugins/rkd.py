@@ -52,6 +52,7 @@ class RKD(Method):
     """
 
     name = "rkd"
+    family = "relation"
     needs_teacher = True
     needs_embedding = True
     defaults = {"w_ce": 1.0, "w_dist": 25.0, "w_angle": 50.0, "angle_max_batch": 512}
