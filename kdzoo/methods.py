@@ -191,14 +191,15 @@ class Method(nn.Module):
 
     @classmethod
     def resolve_defaults(cls, teacher: str | None, student: str | None) -> dict[str, Any]:
-        """``defaults`` with the pair's ``pair_defaults`` applied. Model names match with or without
-        the ``_cifar`` suffix (``resnet56`` and ``resnet56_cifar`` are one model)."""
-        def short(name: str | None) -> str | None:
-            return name[: -len("_cifar")] if name and name.endswith("_cifar") else name
-        wanted = (short(teacher), short(student))
+        """``defaults`` with the pair's ``pair_defaults`` applied. A key names a model as kdzoo does
+        (``resnet56``, ``vgg13_cifar``); a given name with a ``_cifar`` suffix also matches the key
+        without it (``resnet56_cifar`` is ``resnet56``), never the other way round (timm's ImageNet
+        ``vgg13`` is not ``vgg13_cifar``)."""
+        def names(name: str | None) -> set[str | None]:
+            return {name, name[: -len("_cifar")]} if name and name.endswith("_cifar") else {name}
         out = dict(cls.defaults)
         for (t, s), values in cls.pair_defaults.items():
-            if (short(t), short(s)) == wanted:
+            if t in names(teacher) and s in names(student):
                 out.update(values)
         return out
 

@@ -498,7 +498,7 @@ def test_teacher_outputs_from_inference_mode_are_usable(name):
 
 
 @pytest.mark.parametrize("module, cls, name, defaults, needs", [
-    (kd, kd.KD, "kd", {"w_ce": 0.1, "w_kd": 0.9, "T": 4.0}, (False, False)),
+    (kd, kd.KD, "kd", {"w_ce": 0.1, "w_kd": 0.9, "T": 4.0, "logit_std": False}, (False, False)),
     (fitnets, fitnets.FitNets, "fitnets", {"w_ce": 1.0, "w_hint": 100.0, "hint_stage": 2, "hint_epochs": 0}, (True, False)),
     (attention, attention.Attention, "attention", {"w_ce": 1.0, "w_at": 1000.0, "p": 2.0}, (True, False)),
     (rkd, rkd.RKD, "rkd", {"w_ce": 1.0, "w_dist": 25.0, "w_angle": 50.0, "angle_max_batch": 512}, (False, True)),

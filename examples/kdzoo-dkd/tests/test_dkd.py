@@ -25,9 +25,10 @@ def test_follows_the_kdzoo_contract(kdzoo_check_method):
     kdzoo_check_method(DKD, warmup=0, T=1.0)
 
 
-def test_installed_package_registers_dkd(kdzoo_registry):
+def test_installed_package_registers_dkd_example(kdzoo_registry):
     check_registered(DKD, kdzoo_registry)
-    assert kdzoo_registry.describe_origin("dkd") == f"plugin 'dkd' (kdzoo-dkd {version('kdzoo-dkd')})"
+    assert DKD.name == "dkd_example"  # kdzoo ships its own "dkd": a second one would clash
+    assert kdzoo_registry.describe_origin("dkd_example") == f"plugin 'dkd_example' (kdzoo-dkd {version('kdzoo-dkd')})"
 
 
 def softmax(z: np.ndarray) -> np.ndarray:

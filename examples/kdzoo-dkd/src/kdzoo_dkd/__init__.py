@@ -1,7 +1,12 @@
-"""Decoupled Knowledge Distillation (DKD) as a kdzoo plugin.
+"""Decoupled Knowledge Distillation (DKD) as a kdzoo plugin: the method ``dkd_example``.
 
 Zhao, Cui, Song, Qiu & Liang, "Decoupled Knowledge Distillation", CVPR 2022; the definition and
 the CIFAR-100 defaults follow the authors' code (megvii-research/mdistiller, ``DKD``).
+
+This package is kdzoo's worked example of a third-party method package. kdzoo now ships DKD
+itself as ``dkd`` (with mdistiller's per-pair ``w_nckd`` and a ``logit_std`` option); this package
+registers the same loss under its own name, ``dkd_example``, so that both can be installed at
+once: two plugins registering one method name would clash, and kdzoo would disable the later one.
 
 With ``p = softmax(z / T)`` for the student (``s``) and the teacher (``t``), and ``y`` the label:
 
@@ -60,7 +65,8 @@ def dkd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels
 class DKD(Method):
     """Decoupled KD: ``w_ce * CE + warm * (w_tckd * TCKD + w_nckd * NCKD)``. Terms: ``"ce"``, ``"tckd"``, ``"nckd"``."""
 
-    name = "dkd"
+    name = "dkd_example"
+    family = "logits"
     needs_teacher = True
     defaults = {"w_ce": 1.0, "w_tckd": 1.0, "w_nckd": 8.0, "T": 4.0, "warmup": 20}
     reference = ("Zhao et al., 'Decoupled Knowledge Distillation', CVPR 2022; defaults (CIFAR-100) from "
@@ -69,11 +75,11 @@ class DKD(Method):
     def __init__(self, student: NetInfo, teacher: NetInfo | None = None, **hparams) -> None:
         super().__init__(student, teacher, **hparams)
         if not self.T > 0:
-            raise KDZooError(f"Method 'dkd' needs a temperature T > 0, got T={self.T}. The default is 4.0.")
+            raise KDZooError(f"Method 'dkd_example' needs a temperature T > 0, got T={self.T}. The default is 4.0.")
         if self.warmup < 0:
-            raise KDZooError(f"Method 'dkd': warmup must be >= 0 epochs, got {self.warmup}. The default is 20; 0 turns it off.")
+            raise KDZooError(f"Method 'dkd_example': warmup must be >= 0 epochs, got {self.warmup}. The default is 20; 0 turns it off.")
         if student.num_classes < 3:
-            raise KDZooError("Method 'dkd' needs at least 3 classes: NCKD compares the non-target classes.")
+            raise KDZooError("Method 'dkd_example' needs at least 3 classes: NCKD compares the non-target classes.")
 
     @property
     def warm(self) -> float:
