@@ -39,6 +39,7 @@ from kdzoo.plugins import NATIVE_FORMAT, Registry
 from kdzoo.records import (BenchRecord, BestEpoch, RecordError, RunRecord, Scores, TeacherRecord, TeacherRef,
                            load_record)
 from kdzoo import cache_dir
+from kdzoo.methods import PairNotSupported
 from kdzoo.runner import build_method, build_student, data_info, environment, load_data, save_run_checkpoint
 from kdzoo.teachers import foreign_formats_hint, load_teacher, pretrained_teacher
 from kdzoo.store import Store, write_json
@@ -303,7 +304,6 @@ def validate(plan: Plan, registry: Registry, train_labels: torch.Tensor | None =
     ``train_labels`` (the training split's, for methods that bind them) default to stand-ins of the
     right size. Returns forward FLOPs per image of each student. Errors name the YAML path.
     """
-    from kdzoo.methods import PairNotSupported
     from torch.utils.flop_counter import FlopCounterMode
 
     from kdzoo.data import train_batch_sizes
@@ -697,7 +697,11 @@ def _probe(registry: Registry, data: Data, model: str, options: dict[str, Any], 
     members = []
     for v in variants or [Variant(BASELINE, BASELINE, {}, "")]:
         student = build_student(registry, model, options, 0, data.num_classes, data.image_size)
-        method = build_method(registry, v.method, v.hparams, student.info, teacher.info if teacher else None, 0)
+        try:
+            method = build_method(registry, v.method, v.hparams, student.info, teacher.info if teacher else None, 0,
+                                  teacher_net=teacher, train_labels=data.train_y)
+        except PairNotSupported:  # n/a for this pair: nothing to time
+            continue
         members.append(Member(v.label, student, method))
     # a constant schedule: the recipe's milestones lie beyond the probe's 2 epochs (and the lr does not change speed)
     probe_recipe = dataclasses.replace(recipe, epochs=2, batch_size=min(recipe.batch_size, n), compile=False,

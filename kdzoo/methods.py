@@ -55,7 +55,9 @@ from kdzoo.models import NetInfo, Outputs
 
 _RESERVED = set(dir(nn.Module)) | {"hparams", "epoch", "num_epochs", "label_smoothing", "student_info", "teacher_info"}
 _RESERVED |= {"signed_weights", "validate_batch_size", "start_epoch", "ce", "family", "pair_defaults",
-              "bind_train_set", "bind_teacher", "init_forward", "init_parameters", "num_init_epochs"}
+              "bind_train_set", "bind_teacher", "init_forward", "init_parameters", "num_init_epochs",
+              "needs_teacher", "needs_features", "needs_embedding", "needs_preact", "needs_stem", "needs_indices",
+              "needs_train_labels", "needs_teacher_net", "has_init_stage", "init_uses_student", "resolve_defaults"}
 #: Hyperparameters the base class interprets for methods with an init stage (``has_init_stage``).
 INIT_STAGE_DEFAULTS = {"init_epochs": 0, "init_fraction": 30 / 240}
 FAMILIES = ("logits", "features", "relation")

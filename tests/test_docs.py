@@ -71,8 +71,9 @@ def test_register_callbacks_accept_what_the_guide_says():
 
 def test_the_method_contract_is_documented():
     class_attrs = [n for n, t in Method.__annotations__.items() if "ClassVar" in str(t)]
-    assert class_attrs == ["name", "needs_teacher", "needs_features", "needs_embedding", "defaults", "reference",
-                           "signed_weights"]
+    assert class_attrs == ["name", "family", "needs_teacher", "needs_features", "needs_embedding", "needs_preact",
+                           "needs_stem", "needs_indices", "needs_train_labels", "needs_teacher_net", "has_init_stage",
+                           "init_uses_student", "defaults", "pair_defaults", "reference", "signed_weights"]
     for attr in class_attrs:
         assert f"| `{attr}` |" in TEXT, f"class attribute {attr} missing from the table"
     for cls in (NetInfo, Outputs):
@@ -82,6 +83,10 @@ def test_the_method_contract_is_documented():
         assert name in vars(Method)
     assert "### `start_epoch(epoch, num_epochs)`" in TEXT and "### `forward(student, teacher, labels)`" in TEXT
     assert "### `validate_batch_size(batch_size)`" in TEXT
+    for hook in ("bind_train_set", "bind_teacher", "init_forward", "init_parameters"):
+        assert hook in vars(Method), hook
+    assert "`bind_train_set(labels)`" in TEXT and "`bind_teacher(net)`" in TEXT
+    assert "`init_forward(student, teacher, labels)`" in TEXT and "`PairNotSupported`" in TEXT
     assert f"`__init__{inspect.signature(Method.__init__)}`".replace("'", "") in TEXT
     assert f"`forward{inspect.signature(Method.forward)}`".replace("'", "") in TEXT
     for name in _RESERVED - set(dir(nn.Module)):
@@ -90,7 +95,7 @@ def test_the_method_contract_is_documented():
 
 def test_every_name_the_guide_mentions_exists():
     registry = load_plugins(strict=True)
-    for hook in set(re.findall(r"\bregister_\w+", TEXT)):
+    for hook in set(re.findall(r"(?<![.\w])register_\w+", TEXT)):  # not nn.Module's self.register_buffer
         assert hook in hookspec_functions(), hook
     sub = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction")
     commands = set(re.findall(r"`kdzoo (?:-p \S+ )?([a-z][\w-]*)", TEXT))

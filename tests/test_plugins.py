@@ -14,7 +14,8 @@ from kdzoo import KDZooError
 from kdzoo.cli import main
 from kdzoo.plugins import load_plugins
 
-FIRST_PARTY = {"kd", "fitnets", "attention", "rkd", "timm", "cifar10", "cifar100", "svhn", "folder",
+FIRST_PARTY = {"kd", "fitnets", "attention", "rkd", "sp", "cc", "vid", "pkt", "nst", "ab", "ft", "fsp", "kdsvd",
+               "crd", "ofd", "reviewkd", "dkd", "dist", "ctkd", "timm", "cifar10", "cifar100", "svhn", "folder",
                "foreign_checkpoints"}
 
 
@@ -201,9 +202,9 @@ def test_method_of_a_disabled_plugin_names_the_plugin(fake_dists, monkeypatch):
         load_plugins().method("kd")
     monkeypatch.delenv("KDZOO_LOAD_PLUGINS")
     fake_dists("kdzoo-dkd", "0.1", {"kdzoo_dkd_broken": "import kdzoo_no_such_module_xyz\n"},
-               {"dkd": "kdzoo_dkd_broken"})
-    with pytest.raises(KDZooError, match=r"Method 'dkd' is provided by plugin 'dkd' \(kdzoo-dkd 0.1\), which is broken "
-                                         r"\(ModuleNotFoundError"):
-        load_plugins().method("dkd")
+               {"dkd_example": "kdzoo_dkd_broken"})
+    with pytest.raises(KDZooError, match=r"Method 'dkd_example' is provided by plugin 'dkd_example' \(kdzoo-dkd 0.1\), "
+                                         r"which is broken \(ModuleNotFoundError"):
+        load_plugins().method("dkd_example")
     with pytest.raises(KDZooError, match=r"Unknown method 'kdx'.*Not loaded: plugin 'kd' \(disabled\)"):
         load_plugins(disable=["kd"]).method("kdx")  # another name: the disabled plugin may provide it
