@@ -18,7 +18,7 @@ from torch import nn
 from kdzoo import KDZooError
 from kdzoo.methods import PairNotSupported
 from kdzoo.models import NetInfo, Outputs
-from kdzoo.testing import NETINFO_PAIRS, check_method
+from kdzoo.testing import check_method
 from kdzoo_plugins import ofd, reviewkd
 
 
@@ -563,33 +563,16 @@ def test_reviewkd_refusals():
 
 # =========================================================================== kdzoo.testing.check_method
 
-# kdzoo.testing builds NetInfos without has_preact, feeds no Outputs.preact and never calls
-# bind_teacher. These thin subclasses fill the gap: the pairs declare pre-activation outputs,
-# the (post-activation) features stand in for them, and OFD binds a stand-in teacher.
-PREACT_PAIRS = {name: (dataclasses.replace(s, has_preact=True), dataclasses.replace(t, has_preact=True))
-                for name, (s, t) in NETINFO_PAIRS.items()}
-
-
-class OFDUnderCheck(ofd.OFD):
-    needs_features = True
-
-    def __init__(self, student, teacher=None, **hparams):
-        super().__init__(student, teacher, **hparams)
-        self.bind_teacher(FakeTeacher(teacher.stage_channels, seed=1))
-
-    def forward(self, student, teacher, labels):
-        return super().forward(dataclasses.replace(student, preact=student.features),
-                               dataclasses.replace(teacher, preact=teacher.features), labels)
-
-
-class ReviewKDUnderCheck(reviewkd.ReviewKD):
-    def forward(self, student, teacher, labels):
-        return super().forward(student, dataclasses.replace(teacher, preact=teacher.features), labels)
-
-
+# OFD reads the teacher's BN: checked on real CIFAR nets (kdzoo's declare their pre-activations and
+# get_bn_before_relu). ReviewKD is checked on the kit's synthetic pairs, which have pre-activations.
 def test_ofd_check_method():
-    check_method(OFDUnderCheck, pairs=PREACT_PAIRS)
+    import timm
+
+    import kdzoo_plugins.cifar_nets  # noqa: F401  (registers the CIFAR nets into timm)
+
+    check_method(ofd.OFD, nets={"resnet14 -> resnet8": (lambda: timm.create_model("resnet8_cifar", num_classes=10),
+                                                         lambda: timm.create_model("resnet14_cifar", num_classes=10))})
 
 
 def test_reviewkd_check_method():
-    check_method(ReviewKDUnderCheck, pairs=PREACT_PAIRS)
+    check_method(reviewkd.ReviewKD)

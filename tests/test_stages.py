@@ -141,3 +141,59 @@ def test_a_cohort_mixing_init_stages_equals_the_solo_runs(registry, data, teache
         assert timing_free(a["history"]) == timing_free(b["history"])
         assert a["last"] == b["last"]
     assert len(together[1]["history"]) == 2  # kd has no init stage and finishes an epoch earlier
+
+
+def test_kill_9_inside_an_init_stage_resumes_inside_it(cifar_path, tmp_path):
+    """A real benchmark process killed during ab's init stage, rerun: the store equals an uninterrupted run's."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    bench = {"name": "init-stage", "data": {"train_size": 256, "test_size": 200}, "seeds": [0], "cohorts": False,
+             "recipe": {"epochs": 1, "batch_size": 64, "lr": 0.05, "eval_batch_size": 200},
+             "teacher_recipe": {"epochs": 1}, "teachers": ["resnet14"], "students": ["resnet8"],
+             "methods": [{"name": "ab", "init_epochs": 3}]}
+    cfg = tmp_path / "b.yaml"
+    cfg.write_text(yaml.safe_dump(bench))
+    env = {**os.environ, "KDZOO_CACHE": str(tmp_path / "cache"), "KDZOO_DATA": cifar_path}
+
+    def cmd(out):
+        return [sys.executable, "-m", "kdzoo.cli", "bench", str(cfg), "--out", str(out)]
+
+    def snapshot(out):
+        drop = {"wall_time_s", "img_per_s", "train_img_per_s", "epoch_time_s", "environment"}
+
+        def strip(obj):
+            if isinstance(obj, dict):
+                return {k: strip(v) for k, v in obj.items() if k not in drop}
+            return [strip(v) for v in obj] if isinstance(obj, list) else obj
+        return {p.name: strip(json.loads(p.read_text())) for p in sorted((out / "runs").glob("*.json"))}
+
+    subprocess.run(cmd(tmp_path / "ref"), env=env, check=True, capture_output=True)
+    reference = snapshot(tmp_path / "ref")
+    (ab,) = [r for r in reference.values() if r.get("method") == "ab"]
+    assert [h["stage"] for h in ab["history"]] == ["init"] * 3 + ["main"]
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen(cmd(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, killed, seen = time.time() + 300, False, 0
+    while time.time() < deadline and proc.poll() is None:
+        states = list((out / "cohorts").glob("*.pt")) if (out / "cohorts").is_dir() else []
+        ce_done = (out / "runs").is_dir() and any(not p.name.startswith("teacher-") for p in (out / "runs").glob("*.json"))
+        seen = seen + 1 if states and ce_done else 0
+        if seen >= 3:  # the ab cohort saved its first init-stage epoch (not ce's state about to be removed)
+            os.kill(proc.pid, signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert killed, "the run finished before the kill point"
+    resumed = subprocess.run(cmd(out), env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming at epoch" in resumed.stderr
+    assert snapshot(out) == reference

@@ -2,9 +2,21 @@
 :mod:`kdzoo_plugins.cifar_vgg`, :mod:`kdzoo_plugins.cifar_shufflenet`).
 
 A backbone subclasses :class:`CifarNet`, builds its modules, then calls ``_finish`` with the dotted
-names of the modules that ``forward_features`` runs in order and its ``feature_info``. Its
-``@register_model`` functions build it through :func:`create_cifar`, which refuses a model option
-that the variant's name already fixes.
+names of the modules that ``forward_features`` runs in order, its ``feature_info`` and the name of
+its stem module. Its ``@register_model`` functions build it through :func:`create_cifar`, which
+refuses a model option that the variant's name already fixes.
+
+What :class:`kdzoo.models.KDNet` reads beyond timm's API (for methods that need them):
+
+* ``"preact"`` in a ``feature_info`` entry: the dotted name of the activation module that ends
+  that stage; its input at its last call in a forward pass is the stage's pre-activation output
+  (RepDistiller's ``preact=True`` features). ``""``: the stage output has no activation (it is
+  its own pre-activation). Every activation named so must be a module called once per forward
+  pass (a functional ``F.relu`` is invisible to hooks).
+* ``stem_module``: the module whose output is the stem output (RepDistiller's ``f0``).
+
+Nets that inherit :class:`StageBNs` also have RepDistiller's ``get_bn_before_relu()`` (OFD reads
+the teacher's margins from it).
 """
 from __future__ import annotations
 
@@ -18,7 +30,7 @@ from torch import nn
 
 from kdzoo import KDZooError
 
-__all__ = ["CifarNet", "CIFAR10_MEAN", "CIFAR10_STD", "cifar_cfg", "create_cifar", "is_int"]
+__all__ = ["CifarNet", "CIFAR10_MEAN", "CIFAR10_STD", "StageBNs", "cifar_cfg", "create_cifar", "is_int"]
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -32,19 +44,22 @@ class CifarNet(nn.Module):
     """timm's model API over a straight chain of modules.
 
     ``_steps`` are the dotted names of the modules that ``forward_features`` runs in order;
-    ``feature_info`` entries name modules among them. A subclass sets ``variants`` (its registered
-    names, for error messages) and ``num_feature_entries`` (``len(feature_info)``, which timm's
-    ``features_only`` wrapper needs before the model exists).
+    ``feature_info`` entries name modules among them (and, under ``"preact"``, the activation that
+    ends the stage); ``stem_module`` names the stem's last module. A subclass sets ``variants`` (its
+    registered names, for error messages) and ``num_feature_entries`` (``len(feature_info)``, which
+    timm's ``features_only`` wrapper needs before the model exists).
     """
 
     variants: ClassVar[str] = ""
     num_feature_entries: ClassVar[int] = 0
     _steps: list[str]
+    stem_module: str
 
     def _finish(self, steps: list[str], feature_info: list[dict], num_features: int, num_classes: int,
-                global_pool: str, drop_rate: float) -> None:
+                global_pool: str, drop_rate: float, stem: str) -> None:
         assert len(feature_info) == self.num_feature_entries, (type(self).__name__, len(feature_info))
         self._steps = steps
+        self.stem_module = stem
         self.feature_info = feature_info
         self.num_features = self.head_hidden_size = num_features
         self.drop_rate = drop_rate
@@ -124,6 +139,19 @@ class CifarNet(nn.Module):
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Linear) and linear == "zero_bias":
                 nn.init.zeros_(m.bias)
+
+
+class StageBNs:
+    """RepDistiller's ``get_bn_before_relu()`` for a :class:`CifarNet` that sets ``_stage_bns``: the
+    dotted names of one BatchNorm per stage (the stages KDNet takes: the last ``feature_info``
+    entry at each reduction), input to output, the BN that precedes the stage's final ReLU."""
+
+    _stage_bns: list[str]
+
+    def get_bn_before_relu(self) -> list[nn.BatchNorm2d]:
+        """One BatchNorm per stage, input to output: the BN before the stage's final ReLU (for
+        residual stages, the BN of the last block's residual branch, as in RepDistiller)."""
+        return [self.get_submodule(name) for name in self._stage_bns]
 
 
 def cifar_cfg(first_conv: str = "conv1", pool_size: tuple[int, int] = (8, 8)) -> dict:

@@ -35,6 +35,12 @@ model has timm's API: ``num_classes``, ``num_features``, ``feature_info``, ``for
 mapping: the ResNet, ResNet-50, VGG and ShuffleNet state dicts are the reference's key for key,
 the classifier's name aside (``fc`` here, ``linear`` or ``classifier`` there); the WRN and
 MobileNetV2 ones hold the reference's tensors in the reference's order under timm-style names.
+
+Beyond timm's API, every model declares what kdzoo's feature methods read (see
+:mod:`kdzoo_plugins.cifar_base` and :class:`kdzoo.models.KDNet`): each stage's pre-activation
+output (``feature_info`` ``"preact"``: RepDistiller's ``preact=True`` features; the stage output
+itself for MobileNetV2), its stem (``stem_module``: RepDistiller's ``f0``) and, the ShuffleNets
+aside (RepDistiller has none for them either), ``get_bn_before_relu()``, one BatchNorm per stage.
 """
 from __future__ import annotations
 
@@ -47,7 +53,7 @@ from torch import nn
 
 from kdzoo import KDZooError
 from kdzoo_plugins import cifar_shufflenet, cifar_vgg
-from kdzoo_plugins.cifar_base import CIFAR10_MEAN, CIFAR10_STD, CifarNet, cifar_cfg, create_cifar, is_int
+from kdzoo_plugins.cifar_base import CIFAR10_MEAN, CIFAR10_STD, CifarNet, StageBNs, cifar_cfg, create_cifar, is_int
 from kdzoo_plugins.cifar_shufflenet import CifarShuffleNetV1, CifarShuffleNetV2
 from kdzoo_plugins.cifar_vgg import CifarVGG
 
@@ -84,7 +90,7 @@ class BasicBlock(nn.Module):
         return self.act2(x + shortcut)
 
 
-class CifarResNet(CifarNet):
+class CifarResNet(StageBNs, CifarNet):
     """CIFAR ResNet-``depth`` with basic blocks. ``widths``: stem, stage 1-3.
 
     Source: RepDistiller ``models/resnet.py`` (``ResNet(depth, num_filters, 'basicblock')``).
@@ -106,16 +112,19 @@ class CifarResNet(CifarNet):
         self.conv1 = nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.act1 = nn.ReLU(inplace=True)
-        feature_info = [dict(num_chs=widths[0], reduction=1, module="act1")]
+        feature_info = [dict(num_chs=widths[0], reduction=1, module="act1", preact="act1")]
         in_chs = widths[0]
         for i, out_chs in enumerate(widths[1:]):
             stride = 1 if i == 0 else 2
             blocks = [BasicBlock(in_chs if b == 0 else out_chs, out_chs, stride if b == 0 else 1) for b in range(n)]
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
-            feature_info.append(dict(num_chs=out_chs, reduction=2 ** i, module=f"layer{i + 1}"))
+            # RepDistiller's preact: bn2(conv2(.)) + shortcut of the stage's last block, the input of its act2
+            feature_info.append(dict(num_chs=out_chs, reduction=2 ** i, module=f"layer{i + 1}",
+                                     preact=f"layer{i + 1}.{n - 1}.act2"))
             in_chs = out_chs
         steps = ["conv1", "bn1", "act1", "layer1", "layer2", "layer3"]
-        self._finish(steps, feature_info, in_chs, num_classes, global_pool, drop_rate)
+        self._stage_bns = [f"layer{i}.{n - 1}.bn2" for i in (1, 2, 3)]  # RepDistiller's get_bn_before_relu
+        self._finish(steps, feature_info, in_chs, num_classes, global_pool, drop_rate, stem="act1")
         self._init_weights()
 
 
@@ -149,7 +158,7 @@ class Bottleneck(nn.Module):
         return self.act3(x + shortcut)
 
 
-class CifarBottleneckResNet(CifarNet):
+class CifarBottleneckResNet(StageBNs, CifarNet):
     """ImageNet-style bottleneck ResNet on a CIFAR stem (3x3 stride-1 conv, no max-pool): four
     stages of ``layers`` blocks at widths 64/128/256/512 (x4 out), the last three at stride 2.
 
@@ -168,7 +177,7 @@ class CifarBottleneckResNet(CifarNet):
         self.conv1 = nn.Conv2d(in_chans, 64, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.act1 = nn.ReLU(inplace=True)
-        feature_info = [dict(num_chs=64, reduction=1, module="act1")]
+        feature_info = [dict(num_chs=64, reduction=1, module="act1", preact="act1")]
         in_chs, steps = 64, ["conv1", "bn1", "act1"]
         for i, (planes, n) in enumerate(zip((64, 128, 256, 512), layers)):
             stride = 1 if i == 0 else 2
@@ -178,8 +187,11 @@ class CifarBottleneckResNet(CifarNet):
                 in_chs = planes * Bottleneck.expansion
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
             steps.append(f"layer{i + 1}")
-            feature_info.append(dict(num_chs=in_chs, reduction=2 ** i, module=f"layer{i + 1}"))
-        self._finish(steps, feature_info, in_chs, num_classes, global_pool, drop_rate)
+            # RepDistiller's preact: bn3(conv3(.)) + shortcut of the stage's last block, the input of its act3
+            feature_info.append(dict(num_chs=in_chs, reduction=2 ** i, module=f"layer{i + 1}",
+                                     preact=f"layer{i + 1}.{n - 1}.act3"))
+        self._stage_bns = [f"layer{i + 1}.{n - 1}.bn3" for i, n in enumerate(layers)]  # RepDistiller's
+        self._finish(steps, feature_info, in_chs, num_classes, global_pool, drop_rate, stem="act1")
         self._init_weights()
 
 
@@ -206,7 +218,7 @@ class PreActBlock(nn.Module):
         return shortcut + self.conv2(self.norm2(self.conv1(h)))
 
 
-class CifarWideResNet(CifarNet):
+class CifarWideResNet(StageBNs, CifarNet):
     """WRN-``depth``-``widen`` (dropout 0). Stage outputs are post-activation.
 
     Source: RepDistiller ``models/wrn.py`` (``WideResNet(depth, num_classes, widen_factor)``).
@@ -235,9 +247,12 @@ class CifarWideResNet(CifarNet):
             norm_name = "norm" if i == len(widths) - 1 else f"norm{i + 1}"
             self.add_module(norm_name, BatchNormAct2d(out_chs))
             steps += [f"layer{i + 1}", norm_name]
-            feature_info.append(dict(num_chs=out_chs, reduction=2 ** i, module=norm_name))
+            # BatchNormAct2d applies its act to the BN output, RepDistiller's preact: its block2.layer[0].bn1(f1),
+            # block3.layer[0].bn1(f2), bn1(f3), the BN that opens the next stage
+            feature_info.append(dict(num_chs=out_chs, reduction=2 ** i, module=norm_name, preact=f"{norm_name}.act"))
             in_chs = out_chs
-        self._finish(steps, feature_info, in_chs, num_classes, global_pool, drop_rate)
+        self._stage_bns = [e["module"] for e in feature_info]  # RepDistiller's block2.layer[0].bn1, block3..., bn1
+        self._finish(steps, feature_info, in_chs, num_classes, global_pool, drop_rate, stem="conv1")
         self._init_weights(linear="zero_bias")
 
 
@@ -264,7 +279,7 @@ class InvertedResidual(nn.Module):
         return x + y if self.has_skip else y
 
 
-class CifarMobileNetV2(CifarNet):
+class CifarMobileNetV2(StageBNs, CifarNet):
     """MobileNetV2 for 32x32 inputs. ``stem_stride=2`` is RepDistiller's ``mobile_half`` (at
     ``width_mult=0.5``); ``stem_stride=1`` keeps the stages at 32/16/8/4.
 
@@ -288,7 +303,7 @@ class CifarMobileNetV2(CifarNet):
         in_chs = int(32 * width_mult)
         self.conv_stem = nn.Conv2d(in_chans, in_chs, 3, stem_stride, 1, bias=False)
         self.bn1 = BatchNormAct2d(in_chs)
-        stages, feature_info, reduction = [], [], stem_stride
+        stages, feature_info, reduction, self._stage_bns = [], [], stem_stride, []
         for i, (t, c, n, s) in enumerate(self.SETTING):
             out_chs = int(c * width_mult)
             stages.append(nn.Sequential(*[InvertedResidual(in_chs if b == 0 else out_chs, out_chs, s if b == 0 else 1, t)
@@ -296,14 +311,17 @@ class CifarMobileNetV2(CifarNet):
             reduction *= s
             last_at_reduction = i + 1 == len(self.SETTING) or self.SETTING[i + 1][3] != 1
             if last_at_reduction:
-                feature_info.append(dict(num_chs=out_chs, reduction=reduction, module=f"blocks.{i}"))
+                # a linear bottleneck: the stage output is its own pre-activation
+                feature_info.append(dict(num_chs=out_chs, reduction=reduction, module=f"blocks.{i}", preact=""))
+                # RepDistiller's get_bn_before_relu: blocks[i][-1].conv[-1], the last block's projection BN
+                self._stage_bns.append(f"blocks.{i}.{n - 1}.bn3")
             in_chs = out_chs
         self.blocks = nn.Sequential(*stages)
         head_chs = max(1280, int(1280 * width_mult))  # RepDistiller: 1280 unless width_mult > 1
         self.conv_head = nn.Conv2d(in_chs, head_chs, 1, bias=False)
         self.bn2 = BatchNormAct2d(head_chs)
         steps = ["conv_stem", "bn1", *[f"blocks.{i}" for i in range(len(stages))], "conv_head", "bn2"]
-        self._finish(steps, feature_info, head_chs, num_classes, global_pool, drop_rate)
+        self._finish(steps, feature_info, head_chs, num_classes, global_pool, drop_rate, stem="bn1")
         self._init_weights(linear="small")
 
 

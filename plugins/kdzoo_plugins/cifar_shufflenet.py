@@ -43,7 +43,7 @@ def _stem(model: nn.Module, in_chans: int, chs: int) -> dict:
     model.conv1 = nn.Conv2d(in_chans, chs, 1, bias=False)
     model.bn1 = nn.BatchNorm2d(chs)
     model.act1 = nn.ReLU(inplace=True)
-    return dict(num_chs=chs, reduction=1, module="act1")
+    return dict(num_chs=chs, reduction=1, module="act1", preact="act1")
 
 
 # --------------------------------------------------------------------------- ShuffleNet V1
@@ -115,8 +115,10 @@ class CifarShuffleNetV1(CifarNet):
                 in_chs = width
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
             steps.append(f"layer{i + 1}")
-            feature_info.append(dict(num_chs=width, reduction=2 ** (i + 1), module=f"layer{i + 1}"))
-        self._finish(steps, feature_info, in_chs, num_classes, global_pool, drop_rate)
+            # RepDistiller's preact: the last block's sum (or concatenation) before its final ReLU
+            feature_info.append(dict(num_chs=width, reduction=2 ** (i + 1), module=f"layer{i + 1}",
+                                     preact=f"layer{i + 1}.{n - 1}.act3"))
+        self._finish(steps, feature_info, in_chs, num_classes, global_pool, drop_rate, stem="act1")
 
 
 # --------------------------------------------------------------------------- ShuffleNet V2
@@ -124,7 +126,14 @@ class CifarShuffleNetV1(CifarNet):
 
 class ShuffleV2Block(nn.Module):
     """ShuffleNet V2 basic unit: split the channels in half, 1x1 conv + 3x3 depthwise + 1x1 conv
-    (BN each, ReLU after the 1x1s) on the second half, concatenate, shuffle 2 groups."""
+    (BN each, ReLU after the 1x1s) on the second half, concatenate, shuffle 2 groups.
+
+    The reference applies the last ReLU (``act3``) to the branch before concatenating; here it is
+    applied after the shuffle, to the whole output. That is the same function: the untouched half
+    ``x1`` is the previous unit's output, already non-negative, so the ReLU leaves it exactly as
+    it is (and passes no gradient where it is 0, which the ReLU that made that 0 blocks anyway).
+    It makes ``act3``'s input the unit's whole pre-activation output, in the output's channel
+    order."""
 
     def __init__(self, chs: int) -> None:
         super().__init__()
@@ -141,8 +150,8 @@ class ShuffleV2Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x1, x2 = x.chunk(2, dim=1)
-        out = self.act3(self.bn3(self.conv3(self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x2))))))))
-        return self.shuffle(torch.cat([x1, out], 1))
+        out = self.bn3(self.conv3(self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x2)))))))
+        return self.act3(self.shuffle(torch.cat([x1, out], 1)))
 
 
 class ShuffleV2DownBlock(nn.Module):
@@ -207,13 +216,16 @@ class CifarShuffleNetV2(CifarNet):
             self.add_module(f"layer{i + 1}", nn.Sequential(ShuffleV2DownBlock(in_chs, width),
                                                            *[ShuffleV2Block(width) for _ in range(n)]))
             steps.append(f"layer{i + 1}")
-            feature_info.append(dict(num_chs=width, reduction=2 ** (i + 1), module=f"layer{i + 1}"))
+            entry = dict(num_chs=width, reduction=2 ** (i + 1), module=f"layer{i + 1}")
+            if n:  # the last basic unit's act3 (a stage of a down-sampling unit alone declares none)
+                entry["preact"] = f"layer{i + 1}.{n}.act3"
+            feature_info.append(entry)
             in_chs = width
         self.conv2 = nn.Conv2d(in_chs, head_chs, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(head_chs)
         self.act2 = nn.ReLU(inplace=True)
         steps += ["conv2", "bn2", "act2"]
-        self._finish(steps, feature_info, head_chs, num_classes, global_pool, drop_rate)
+        self._finish(steps, feature_info, head_chs, num_classes, global_pool, drop_rate, stem="act1")
 
 
 def _ints(value: Any, n: int, minimum: int = 1) -> bool:

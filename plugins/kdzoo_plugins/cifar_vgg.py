@@ -15,7 +15,7 @@ from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
 from kdzoo import KDZooError
-from kdzoo_plugins.cifar_base import CifarNet, cifar_cfg, create_cifar, is_int
+from kdzoo_plugins.cifar_base import CifarNet, StageBNs, cifar_cfg, create_cifar, is_int
 
 __all__ = ["CifarVGG"]
 
@@ -29,7 +29,7 @@ VGG_CFGS: dict[str, tuple[tuple[int, ...], ...]] = {
 }
 
 
-class CifarVGG(CifarNet):
+class CifarVGG(StageBNs, CifarNet):
     """VGG-BN for CIFAR. ``cfg``: a key of :data:`VGG_CFGS` or five lists of conv widths.
 
     Source: RepDistiller ``models/vgg.py`` (``VGG(cfg, batch_norm=True)``). ``block0`` ...
@@ -38,6 +38,11 @@ class CifarVGG(CifarNet):
     post-activation; ``feature_info`` names all five (two at reduction 8, like the reference's
     ``f3`` and ``f4``). The reference max-pools before ``block4`` only for a 64x64 input (its
     Tiny-ImageNet path); this model never does, so block4 stays at the resolution of block3.
+
+    Pre-activation stage outputs (``feature_info`` ``"preact"``): the input of each block's last
+    ReLU, RepDistiller's ``preact=True`` features ``f1_pre`` ... ``f4_pre`` (``block0``'s too,
+    where the reference returns the activated ``f0`` in both modes). The stem output is
+    ``block0``'s, the reference's ``f0``: VGG has no separate stem, so it is also stage 0.
     """
 
     variants = "vgg{8,11,13,16,19}_cifar"
@@ -60,11 +65,16 @@ class CifarVGG(CifarNet):
                 in_chs = out_chs
             self.add_module(f"block{i}", nn.Sequential(*layers))
             steps.append(f"block{i}")
-            feature_info.append(dict(num_chs=in_chs, reduction=2 ** min(i, 3), module=f"block{i}"))
+            # the block's last ReLU: its input is RepDistiller's f{i}_pre, the block's output before F.relu
+            feature_info.append(dict(num_chs=in_chs, reduction=2 ** min(i, 3), module=f"block{i}",
+                                     preact=f"block{i}.{len(layers) - 1}"))
             if i < 3:
                 self.add_module(f"pool{i}", nn.MaxPool2d(2, 2))
                 steps.append(f"pool{i}")
-        self._finish(steps, feature_info, in_chs, num_classes, global_pool, drop_rate)
+        # the BN before each stage's last ReLU (RepDistiller's block{1..4}[-1]; kdzoo's stages: blocks 0, 1, 2, 4)
+        last = {e["reduction"]: e["module"] for e in feature_info}
+        self._stage_bns = [f"{name}.{len(self.get_submodule(name)) - 2}" for name in last.values()]
+        self._finish(steps, feature_info, in_chs, num_classes, global_pool, drop_rate, stem="block0")
         self._init_weights(linear="small")
 
 
