@@ -68,9 +68,11 @@ class RichProgress(Progress):
         self.t0 = time.perf_counter()
         for label, r in records.items():
             losses = " ".join(f"{k}={v:.3f}" for k, v in r["loss"].items())
+            score = (f"top1 [bold]{r['test']['top1']:.2f}[/]" if "test" in r
+                     else "[dim]init stage[/]")  # the init stage is not evaluated
             self.bars.console.print(
-                f"[dim]epoch {r['epoch']}[/] {label}: top1 [bold]{r['test']['top1']:.2f}[/]  {losses}  "
-                f"{r['train_img_per_s']:,.0f} img/s", highlight=False,
+                f"[dim]epoch {r['epoch']}[/] {label}: {score}  {losses}  {r['train_img_per_s']:,.0f} img/s",
+                highlight=False,
             )
 
     def runs_done(self, n: int) -> None:
