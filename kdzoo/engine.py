@@ -81,13 +81,14 @@ def call_method(method: Method, fn: Callable[..., dict[str, torch.Tensor]], stud
 
 
 def build_init_optimizer(member: Member, recipe: Recipe) -> torch.optim.Optimizer:
-    """The init stage's SGD over ``method.init_parameters(student)``, at the recipe's constant learning rate
-    (RepDistiller's ``init``)."""
+    """The init stage's SGD over ``method.init_parameters(student)``, at a constant learning rate: the
+    method's ``init_lr``, or the recipe's when that is 0 (RepDistiller's ``init``)."""
     params = [p for p in member.method.init_parameters(member.student) if p.requires_grad]
     if not params:
         raise KDZooError(f"Method '{member.method.name}' has an init stage but init_parameters() returned no "
                          "trainable parameter.")
-    return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    lr = member.method.hparams.get("init_lr") or recipe.lr
+    return torch.optim.SGD(params, lr=lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -302,11 +303,10 @@ def preflight(student: KDNet, method: Method | None, teacher: KDNet | None, batc
                     t_out = teacher(x, **wants(method))
             student.train()
             method.train()
-            stages = [method.forward] + ([method.init_forward] if method.has_init_stage else [])
-            for fn in stages:  # the main stage, and the init stage if there is one
-                uses_student = fn is method.forward or method.init_uses_student
+            for init in (False, True) if method.has_init_stage else (False,):  # main stage, then the init stage
+                uses_student = not init or method.init_uses_student
                 s_out = student(x, **wants(method)) if uses_student else None
-                terms = call_method(method, fn, s_out, t_out, y, idx)
+                terms = call_method(method, method.init_forward if init else method.forward, s_out, t_out, y, idx)
                 _check_terms(terms)
                 loss = sum(terms.values())
                 if loss.requires_grad:

@@ -36,7 +36,8 @@ Optional parts of the contract, each off by default (see docs/writing-plugins.md
   they override ``defaults`` for that pair, and the user's settings override both.
 * ``has_init_stage``: an init stage of ``init_epochs`` epochs (or ``init_fraction`` of the
   recipe's) runs before the main stage; it minimises ``init_forward``'s terms over
-  ``init_parameters(student)`` only, with its own SGD at the recipe's constant learning rate.
+  ``init_parameters(student)`` only, with its own SGD at a constant learning rate (``init_lr``, or
+  the recipe's when 0).
 * ``family``: "logits", "features" or "relation", for listings.
 """
 from __future__ import annotations
@@ -59,7 +60,8 @@ _RESERVED |= {"signed_weights", "validate_batch_size", "start_epoch", "ce", "fam
               "needs_teacher", "needs_features", "needs_embedding", "needs_preact", "needs_stem", "needs_indices",
               "needs_train_labels", "needs_teacher_net", "has_init_stage", "init_uses_student", "resolve_defaults"}
 #: Hyperparameters the base class interprets for methods with an init stage (``has_init_stage``).
-INIT_STAGE_DEFAULTS = {"init_epochs": 0, "init_fraction": 30 / 240}
+#: ``init_lr`` 0 means the recipe's learning rate.
+INIT_STAGE_DEFAULTS = {"init_epochs": 0, "init_fraction": 30 / 240, "init_lr": 0.0}
 FAMILIES = ("logits", "features", "relation")
 
 
@@ -186,10 +188,11 @@ class Method(nn.Module):
             if missing:  # a plugin bug, not a user error
                 raise TypeError(f"{type(self).__name__} has an init stage: add {missing} to its defaults "
                                 "(kdzoo.methods.INIT_STAGE_DEFAULTS)")
-            if self.init_epochs < 0 or not 0 <= self.init_fraction <= 1:
+            if self.init_epochs < 0 or not 0 <= self.init_fraction <= 1 or self.init_lr < 0:
                 raise KDZooError(
-                    f"Method '{self.name}': init_epochs must be >= 0 (0: use init_fraction) and init_fraction in "
-                    f"[0, 1], got init_epochs={self.init_epochs}, init_fraction={self.init_fraction}.")
+                    f"Method '{self.name}': init_epochs must be >= 0 (0: use init_fraction), init_fraction in "
+                    f"[0, 1] and init_lr >= 0 (0: the recipe's lr), got init_epochs={self.init_epochs}, "
+                    f"init_fraction={self.init_fraction}, init_lr={self.init_lr}.")
 
     @classmethod
     def resolve_defaults(cls, teacher: str | None, student: str | None) -> dict[str, Any]:

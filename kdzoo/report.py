@@ -26,7 +26,7 @@ import io
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from rich.console import Console
 from rich.table import Table
@@ -381,23 +381,48 @@ def _rich_cell(cell: Cell, summary: Summary) -> Text:
     return text
 
 
+def transposed(summary: Summary) -> bool:
+    """Whether the table is laid out a row per method (columns: pairs) rather than a row per pair: when
+    there are more than six methods and more methods than pairs, so that wide benchmarks stay readable."""
+    return len(summary.columns) > max(6, len(summary.rows))
+
+
+def _grid(summary: Summary, teacher: Callable[[Row], Any], cell: Callable[[Cell], Any],
+          text: Callable[[str], Any]) -> tuple[list[str], list[list[Any]]]:
+    """The header and rows of the table in its layout (:func:`transposed`), cells made by the callbacks."""
+    fixed: list[tuple[str, Callable[[Row], Any]]] = [
+        ("Teacher top-1", teacher),
+        ("Teacher params", lambda r: text(_params(r.teacher_params))),
+        ("Student params", lambda r: text(_params(r.student_params))),
+    ]
+    if not transposed(summary):
+        header = ["Teacher → Student", *(name for name, _ in fixed), *summary.columns]
+        rows = [[text(r.label), *(f(r) for _, f in fixed), *(cell(c) for c in r.cells)] for r in summary.rows]
+        return header, rows
+    header = ["Method", *(r.label for r in summary.rows)]
+    rows = [[text(name), *(f(r) for r in summary.rows)] for name, f in fixed]
+    rows += [[text(column), *(cell(r.cells[i]) for r in summary.rows)] for i, column in enumerate(summary.columns)]
+    return header, rows
+
+
+def _rich_teacher(row: Row, summary: Summary) -> Text:
+    teacher = Text(_teacher_text(row), style="red" if row.teacher_status == "failed" else "")
+    ref = _reference_text(row.teacher_reference, row.teacher_reference_ours, row.teacher_reference_diff,
+                          summary.reference_metric)
+    if ref:
+        teacher.append("\n" + ref, style="cyan")
+    return teacher
+
+
 def render_table(summary: Summary, console: Console) -> None:
-    """Print the table, then the reference source and one line per failed run."""
+    """Print the table (a row per pair, or per method for wide benchmarks: :func:`transposed`), then the
+    reference source, the n/a cells and one line per failed run."""
     table = Table(title=f"{summary.name}: {summary.metric_label}", caption=summary.caption, show_lines=True)
-    table.add_column("Teacher → Student", no_wrap=True)
-    table.add_column("Teacher top-1", justify="right")
-    table.add_column("Teacher params", justify="right")
-    table.add_column("Student params", justify="right")
-    for column in summary.columns:
-        table.add_column(column, justify="right")
-    for row in summary.rows:
-        teacher = Text(_teacher_text(row), style="red" if row.teacher_status == "failed" else "")
-        ref = _reference_text(row.teacher_reference, row.teacher_reference_ours, row.teacher_reference_diff,
-                              summary.reference_metric)
-        if ref:
-            teacher.append("\n" + ref, style="cyan")
-        table.add_row(row.label, teacher, _params(row.teacher_params), _params(row.student_params),
-                      *(_rich_cell(c, summary) for c in row.cells))
+    header, rows = _grid(summary, lambda r: _rich_teacher(r, summary), lambda c: _rich_cell(c, summary), Text)
+    for i, name in enumerate(header):
+        table.add_column(name, no_wrap=i == 0, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
     console.print(table)
     if summary.reference_source is not None:
         console.print(f"Reference: {summary.reference_source}", highlight=False)
@@ -439,21 +464,19 @@ def _markdown_cell(cell: Cell, summary: Summary) -> str:
 
 def to_markdown(summary: Summary) -> str:
     """A GitHub table with the rich table's content, a caption line, the reference source and failures."""
-    header = ["Teacher → Student", "Teacher top-1", "Teacher params", "Student params", *summary.columns]
+    def teacher(row: Row) -> str:
+        lines = [_teacher_text(row)]
+        ref = _reference_text(row.teacher_reference, row.teacher_reference_ours, row.teacher_reference_diff,
+                              summary.reference_metric)
+        return "<br>".join(_md_escape(t) for t in lines + ([ref] if ref else []))
+
+    header, rows = _grid(summary, teacher, lambda c: _markdown_cell(c, summary), _md_escape)
     out = [f"**{summary.name}**: {summary.caption}.", ""]
     if summary.description:
         out[0:0] = [summary.description, ""]
     out.append("| " + " | ".join(_md_escape(h) for h in header) + " |")
     out.append("|" + "---|" * len(header))
-    for row in summary.rows:
-        teacher = [_teacher_text(row)]
-        ref = _reference_text(row.teacher_reference, row.teacher_reference_ours, row.teacher_reference_diff,
-                              summary.reference_metric)
-        if ref:
-            teacher.append(ref)
-        cells = [row.label, "<br>".join(teacher), _params(row.teacher_params), _params(row.student_params),
-                 *(_markdown_cell(c, summary) for c in row.cells)]
-        out.append("| " + " | ".join(cells) + " |")
+    out += ["| " + " | ".join(cells) + " |" for cells in rows]
     if summary.reference_source is not None:
         out += ["", f"Reference: {summary.reference_source}"]
     if summary.not_applicable:

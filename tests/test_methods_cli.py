@@ -118,7 +118,7 @@ def test_listing_groups_by_family_one_whole_line_per_method(monkeypatch, tiny_re
     expected = {  # name -> (plugin, needs, defaults): each on its one line, although the console is 40 wide
         "t_logit": ("tiny", "teacher", "w_ce=1.0, w_kd=0.5, T=4.0"),
         "t_feat": ("tiny", "teacher, features, pre-activation features, stem, init stage",
-                   "w_ce=1.0, w_f=1.0, mode=rd, init_epochs=0, init_fraction=0.125"),
+                   "w_ce=1.0, w_f=1.0, mode=rd, init_epochs=0, init_fraction=0.125, init_lr=0.0"),
         "t_rel": ("tiny", "teacher, embedding, sample indices, training labels, teacher network",
                   "w_ce=1.0, w_rel=0.8, w_push=-1.0"),
         "t_custom": ("tiny", "teacher", "w_ce=1.0"),
@@ -149,7 +149,7 @@ def test_details_of_a_method_with_an_init_stage_and_per_pair_defaults(monkeypatc
     cells = [[c.strip() for c in line.strip("│┃ ").split("│" if "│" in line else "┃")] for line in lines
              if line.startswith(("│", "┃"))]
     assert cells == [["hyperparameter", "default"], ["w_ce", "1.0"], ["w_f", "1.0"], ["mode", "'rd'"],
-                     ["init_epochs", "0"], ["init_fraction", "0.125"],
+                     ["init_epochs", "0"], ["init_fraction", "0.125"], ["init_lr", "0.0"],
                      ["teacher → student", "overrides"], ["resnet56 → resnet20", "w_f=2.0"],
                      ["wrn_40_2 → wrn_16_2", "w_f=6.0, mode=x"]]
     assert "per-pair defaults" in out and "win over both" in out

@@ -772,7 +772,7 @@ NEW_BROKEN = [
     (PairKeyNotTuple, check_declaration, {}, "pair_defaults key 'resnet56' is not a (teacher, student) pair"),
     (PairUnknownHparam, check_declaration, {}, "sets ['w_nope'], which are not in defaults"),
     (PairBadValue, check_declaration, {}, "pair_defaults[('resnet56', 'resnet20')] is not a valid override"),
-    (InitWithoutDefaults, check_declaration, {}, "has_init_stage=True, but defaults lack ['init_epochs', 'init_fraction']"),
+    (InitWithoutDefaults, check_declaration, {}, "has_init_stage=True, but defaults lack ['init_epochs', 'init_fraction', 'init_lr']"),
     (InitWithoutForward, check_declaration, {}, "has_init_stage=True, but init_forward is not defined"),
     (TeacherNetWithoutBind, check_declaration, {}, "needs_teacher_net=True, but bind_teacher is not defined, so the flag is pointless"),
     (TrainLabelsWithoutBind, check_declaration, {}, "needs_train_labels=True, but bind_train_set is not defined"),

@@ -25,8 +25,9 @@ Schedule, as RepDistiller runs it:
 
 * init stage (``init_epochs``, default 30/240 of the schedule; ``init_uses_student = False``):
   only the paraphraser trains, on the reconstruction MSE ``mean((decoder(encoder(t)) - t)^2)``,
-  ``{"rec": w_rec * rec}``. RD uses lr 0.01 for this stage when the student is a ResNet or WRN
-  (and the main lr otherwise); kdzoo's init stage runs at the recipe's lr.
+  ``{"rec": w_rec * rec}``, at ``init_lr = 0.01``: RD uses 0.01 for this stage when the student is
+  a ResNet or WRN and the main lr otherwise (0.01 too for its MobileNet/ShuffleNet students);
+  the reconstruction diverges at the 0.05-0.1 of the main stage. ``init_lr=0`` uses the recipe's.
 * main stage: ``{"ce": w_ce * CE, "ft": w_ft * ft}``; the translator trains with the student and
   the paraphraser is frozen (RD keeps it out of ``trainable_list``). Frozen twice over: ``forward``
   computes the teacher factor under ``torch.no_grad`` (so no gradient, and hence no optimizer
@@ -114,7 +115,7 @@ class FT(Method):
     needs_features = True
     has_init_stage = True
     init_uses_student = False
-    defaults = {"w_ce": 1.0, "w_ft": 200.0, "w_rec": 1.0, "rate": 0.5, "factor": "rd", **INIT_STAGE_DEFAULTS}
+    defaults = {"w_ce": 1.0, "w_ft": 200.0, "w_rec": 1.0, "rate": 0.5, "factor": "rd", **INIT_STAGE_DEFAULTS, "init_lr": 0.01}
     reference = (
         "Kim, Park & Kwak, 'Paraphrasing Complex Network: Network Compression via Factor Transfer', "
         "NeurIPS 2018; factor, modules, init stage and w_ft from RepDistiller (Tian et al., CRD, ICLR 2020: "
