@@ -207,9 +207,23 @@ def make_member(registry: Registry, method: str, teacher: nn.Module | None, seed
                                                 pair=(TEACHER, STUDENT), teacher_net=teacher, train_labels=labels))
 
 
-def make_teacher(registry: Registry) -> nn.Module:
-    # Untrained but fixed: a teacher's weights do not change its speed.
-    return build_student(registry, TEACHER, {}, SEED + 1, num_classes=10).eval().requires_grad_(False)
+def make_teacher(registry: Registry, data: Data | None = None) -> nn.Module:
+    """Untrained but fixed: a teacher's weights do not change its speed. With ``data``, its BatchNorm statistics
+    are measured on a few batches first, so that its logits have a trained net's scale (with the initial
+    statistics they reach 1e4, and a method that learns from their scale, like ctkd's temperature, diverges)."""
+    teacher = build_student(registry, TEACHER, {}, SEED + 1, num_classes=10)
+    if data is not None:
+        bns = [m for m in teacher.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        for bn in bns:
+            bn.reset_running_stats()
+            bn.momentum = None  # a cumulative average over the calibration batches
+        teacher.train()
+        with torch.no_grad():
+            for x, _ in data.train_batches(SEED, 0, 64):
+                teacher(x)
+        for bn in bns:
+            bn.momentum = 0.1
+    return teacher.eval().requires_grad_(False)
 
 
 def engine_runner(trainer: Trainer, members_per_image: int = 1) -> Callable[[int], float]:
@@ -589,7 +603,7 @@ def run_benchmark(path: str, device: torch.device, s: Settings, only: tuple[str,
     # -- P6: the cost of each method's step relative to ce ---------------------------------------
     if "P6" in only:
         say("P6: each method's training step vs ce ...")
-        teacher = make_teacher(registry)
+        teacher = make_teacher(registry, window_data)
         first_party = sorted(n for n in registry.methods
                              if registry.plugin(registry.owner[("method", n)]).dist in FIRST_PARTY)
         runners = {}
@@ -605,13 +619,19 @@ def run_benchmark(path: str, device: torch.device, s: Settings, only: tuple[str,
             else:
                 runners[name] = engine_runner(Trainer([make_member(registry, name, teacher if cls.needs_teacher else None)],
                                                       window_data, recipe, teacher=teacher, seed=SEED, device=device))
+        # What each method keeps beside the student (regressors, heads, memory banks), from its state dict.
+        extra["p6_method_state_mb"] = {
+            name: sum(t.numel() * t.element_size() for t in make_member(registry, name, teacher).method.state_dict().values()
+                      if isinstance(t, torch.Tensor)) / 2**20
+            for name in first_party}
         p6 = interleave(runners, s.windows, s.warmup, mem)
         for name in runners:
             if name == "ce":
                 continue
             cost = paired_ratio(p6["ce"], p6[name])  # time per step relative to ce
-            rows[f"P6 {name}"] = Row("P6", f"{name} step vs ce ({TEACHER}->{STUDENT})", p6[name], p6["ce"], cost,
-                                     f"{cost:.2f}x ce", "(info)", None)
+            state = extra["p6_method_state_mb"][name.split()[0]]
+            rows[f"P6 {name}"] = Row("P6", f"{name} step vs ce ({TEACHER}->{STUDENT}); method state {state:.1f} MB",
+                                     p6[name], p6["ce"], cost, f"{cost:.2f}x ce", "(info)", None)
         del runners
 
     return {

@@ -290,3 +290,28 @@ def test_only_the_current_plans_runs_are_shown():
     b = bench(records[:2], columns=["ce", "kd"], pairs=[["t", "s"]])
     row = summarize(records, b).rows[0]
     assert {name: cell.stat.values for name, cell in zip(["ce", "kd"], row.cells)} == {"ce": [50.0], "kd": [55.0]}
+
+
+def test_wide_benchmarks_are_laid_out_a_row_per_method():
+    """Eight methods and one pair: a row per method, so that every cell keeps its width."""
+    columns = ["ce", "kd", "dkd", "dist", "fitnets", "attention", "rkd", "crd"]
+    records = [teacher_run("resnet32", "tA", 60.0, 61.0, 470_000)]
+    records += [student(f"r{i}", **{**A, "teacher": "resnet32", "model": "resnet8"}, variant=v, seed=0,
+                        last=30.0 + i, best=31.0 + i) for i, v in enumerate(columns)]
+    summary = summarize(records, bench(records, columns=columns, pairs=[["resnet32", "resnet8"]],
+                                       teachers={"resnet32": "tA"}))
+    md = to_markdown(summary).splitlines()
+    header = next(line for line in md if line.startswith("| "))
+    assert header == "| Method | resnet32 → resnet8 |"
+    body = [line for line in md if line.startswith("| ") and line != header]
+    assert [line.split(" | ")[0] for line in body] == [
+        "| Teacher top-1", "| Teacher params", "| Student params", *(f"| {c}" for c in columns)]
+    assert "37.00" in body[-1] and "Δ +7.00" in body[-1]  # crd: 30 + 7, and its paired gain over ce
+    console = Console(record=True, width=60)
+    render_table(summary, console)
+    text = console.export_text()
+    assert "37.00* (n=1)" in text and "Δ +7.00" in text  # nothing squeezed out at 60 columns
+    # five methods keep the row-per-pair layout
+    few = summarize(records, bench(records, columns=columns[:5], pairs=[["resnet32", "resnet8"]],
+                                   teachers={"resnet32": "tA"}))
+    assert "| Teacher → Student | Teacher top-1 |" in to_markdown(few)
