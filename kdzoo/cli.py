@@ -20,7 +20,7 @@ from kdzoo.config import RunConfig, parse, parse_assignment, read_yaml
 from kdzoo.plugins import Registry, load_plugins
 
 if TYPE_CHECKING:  # the commands import these lazily, so that `kdzoo plugins` starts fast
-    from kdzoo.bench import Plan
+    from kdzoo.plan import Plan
     from kdzoo.store import Scan, Store
 
 console = Console()
@@ -398,7 +398,7 @@ def cmd_bench(args: argparse.Namespace, registry: Registry) -> int:
 
 
 def show_plan(plan: Plan, store: Store, scan: Scan) -> None:
-    from kdzoo.bench import teacher_status
+    from kdzoo.plan import teacher_status
 
     table = Table(title=f"{plan.bench.name}: plan")
     for col in ("teacher", "status"):

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kdzoo import KDZooError
-from kdzoo.bench import Cohort, Context, Plan, TeacherJob, ensure_teacher, run_cohort, teacher_status, teachers_to_ensure
+from kdzoo.bench import Context, ensure_teacher, run_cohort, teachers_to_ensure
+from kdzoo.plan import Cohort, Plan, TeacherJob, teacher_status
 from kdzoo.records import TeacherRecord
 
 

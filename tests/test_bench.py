@@ -241,7 +241,8 @@ def test_shipped_benchmarks_are_valid(registry, path):
     from kdzoo.config import read_yaml
 
     plan = B.expand(parse(BenchConfig, read_yaml(path)), shape("fp", 50000), registry)
-    assert plan.variants[0].label == "ce" and len(plan.bench.seeds) >= 2
+    one_seed = {"all-methods.yaml"}  # every method at a glance within 15 minutes on 2 cores, not a comparison
+    assert plan.variants[0].label == "ce" and (len(plan.bench.seeds) >= 2 or path.name in one_seed)
     B.validate(plan, registry)
     if plan.bench.reference:
         columns = {v.label for v in plan.variants} | {"teacher"}
