@@ -137,8 +137,8 @@ def ensure_teacher(job: TeacherJob, ctx: Context) -> TeacherRecord:
         (result,) = _run_trainer(trainer, job.dir / "state.pt", ctx.say)
         record = TeacherRecord(run_id=run_id, key=job.key, model=job.model, seed=job.seed, source="trained",
                                params=count_params(student), recipe=dataclasses.asdict(job.recipe),
-                               data=data_info(ctx.data), environment=environment(ctx.device, job.recipe),
-                               provenance=job.provenance, **_scores(result))
+                               data=data_info(ctx.data), provenance=job.provenance, **_scores(result),
+                               environment=environment(ctx.device, precision=trainer.precision))
         if record.status == "ok":
             save_run_checkpoint(job.checkpoint_path, job.model, job.options, student, method, result, ctx.data,
                                 job.seed, key=job.key)
@@ -177,7 +177,7 @@ def run_cohort(cohort: Cohort, teacher: TeacherRecord, ctx: Context) -> None:
                       progress=ctx.progress)
     state_path = ctx.store.cohort_path(cohort.cohort_id)
     results = _run_trainer(trainer, state_path, ctx.say)
-    env = environment(ctx.device, cohort.recipe)
+    env = environment(ctx.device, precision=trainer.precision)
     for run, member, result in zip(cohort.runs, members, results):
         if ctx.store.has_run(run.run_id):
             continue  # written before an interruption

@@ -29,6 +29,8 @@ from kdzoo.data import Data
 from kdzoo.methods import Method
 from kdzoo.metrics import classification_metrics
 from kdzoo.models import KDNet, Outputs
+from kdzoo.precision import Precision
+from kdzoo.precision import choose as choose_precision
 
 
 class NonFiniteLoss(KDZooError):
@@ -103,26 +105,11 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def autocast_dtype(recipe: Recipe, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for float32.
-
-    ``auto``: bf16 where the hardware runs it natively, i.e. CUDA GPUs with bf16 and CPUs with
-    AMX (there it made the kd step 1.9x faster, benchmarks/throughput.py --ablate); float32 on
-    other CPUs (emulated bf16 was ~20x slower on AVX2 machines).
-    """
-    if recipe.autocast == "off":
-        return None
-    if recipe.autocast == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    if device.type == "cpu":
-        try:  # AMX (Intel Sapphire Rapids and later): bf16 tiles that oneDNN uses. A private API,
-            amx = bool(torch.cpu._is_amx_tile_supported())  # so missing or failing means no.
-        except Exception:
-            amx = False
-        return torch.bfloat16 if amx else None
-    return None
+def autocast_dtype(recipe: Recipe, device: torch.device, net: nn.Module | None = None,
+                   input_size: tuple[int, int] = (32, 32)) -> torch.dtype | None:
+    """The autocast dtype, or None for float32 (``kdzoo.precision.choose``: bf16 where it is faster;
+    ``net`` is probed where the CPU's capabilities are not conclusive)."""
+    return choose_precision(recipe.autocast, device, net, input_size).dtype
 
 
 def lr_factor(recipe: Recipe, steps_per_epoch: int):
@@ -350,7 +337,10 @@ class Trainer:
         self.device = torch.device(device)
         self.progress = progress or Progress()
         self.teacher = teacher
-        self.amp = autocast_dtype(recipe, self.device)
+        # bf16 where it is faster (kdzoo.precision); the first member's student is probed if that must be measured
+        self.precision: Precision = choose_precision(recipe.autocast, self.device, members[0].student,
+                                                     data.image_size)
+        self.amp = self.precision.dtype
         self.memory_format = torch.channels_last if recipe.channels_last else torch.contiguous_format
         self.steps_per_epoch = data.steps_per_epoch(recipe.batch_size)
         for m in members:

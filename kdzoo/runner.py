@@ -67,19 +67,22 @@ def build_method(
         ) from e
 
 
-def environment(device: torch.device, recipe: Any = None) -> dict[str, Any]:
-    """Versions and hardware of a run; with ``recipe``, the autocast dtype it resolved to."""
+def environment(device: torch.device, recipe: Any = None, precision: Any = None) -> dict[str, Any]:
+    """Versions and hardware of a run; the autocast dtype it computed in and why (``precision``, a
+    ``kdzoo.precision.Precision``, e.g. ``Trainer.precision``; else resolved from ``recipe`` without a probe)."""
     import timm
 
-    from kdzoo.engine import autocast_dtype
+    from kdzoo.precision import choose, cpu_name
 
-    extra = {"autocast": str(autocast_dtype(recipe, device) or "float32")} if recipe is not None else {}
+    if precision is None and recipe is not None:
+        precision = choose(recipe.autocast, device)
+    extra = {"autocast": precision.name, "autocast_reason": precision.reason} if precision is not None else {}
     return {**extra,
         "kdzoo": kdzoo.__version__,
         "torch": torch.__version__,
         "timm": timm.__version__,
         "python": platform.python_version(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "threads": torch.get_num_threads(),
     }
 
@@ -162,7 +165,7 @@ def run_single(cfg: RunConfig, registry: Registry, progress: Progress | None = N
                  if teacher_meta else None),
         data=data_info(data),
         config=dataclasses.asdict(cfg),
-        environment=environment(device, cfg.recipe),
+        environment=environment(device, precision=trainer.precision),
     )
     if result["status"] == "ok":
         save_run_checkpoint(out / "checkpoint.pt", cfg.model, cfg.model_options, student, method, result, data, cfg.seed)
