@@ -339,11 +339,37 @@ def cmd_models(args: argparse.Namespace, registry: Registry) -> None:
     err_console.print(f"[dim]{len(names)} model(s)[/]")
 
 
+def busy_warning(load: float | None = None, cpus: int | None = None) -> str | None:
+    """A one-paragraph warning when the load average says other processes compete for the CPUs, else None.
+
+    Busy means a 1-minute load of at least half the CPUs and at least 1: on a 2-core machine, one other
+    CPU-bound process."""
+    import os
+
+    try:
+        load = os.getloadavg()[0] if load is None else load
+    except OSError:  # not available on this platform
+        return None
+    cpus = cpus or os.cpu_count() or 1
+    if load < max(1.0, cpus / 2):
+        return None
+    return (f"this machine looks busy (load average {load:.1f} over the last minute on {cpus} CPUs). Training "
+            "still gives the same results, but torch's threads wait on each other when another process competes "
+            "for the cores, and steps can get many times slower. Run one training job at a time for speed.")
+
+
+def _warn_if_busy() -> None:
+    warning = busy_warning()
+    if warning:
+        err_console.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
+
+
 def cmd_run(args: argparse.Namespace, registry: Registry) -> None:
     from kdzoo.progress import RichProgress
     from kdzoo.runner import run_single
 
     cfg = run_config(args, args.command)
+    _warn_if_busy()
     result = run_single(cfg, registry, RichProgress(err_console))
     if result["status"] != "ok":
         raise KDZooError(f"The run failed: {result['error']} (metrics so far are in {cfg.out}/metrics.json)")
@@ -378,6 +404,8 @@ def cmd_bench(args: argparse.Namespace, registry: Registry) -> int:
                       f"(from a short measured probe; evaluation included roughly).")
         return 0
     ensure_writable_dir(out, "results (--out)")
+    if runs_todo or teachers_todo:
+        _warn_if_busy()
     if teachers_todo:
         ensure_writable_dir(bench.cache_dir() / "teachers", "teacher cache ($KDZOO_CACHE)")
     if args.executor == "ray":
