@@ -236,6 +236,7 @@ def test_kill_9_and_resume_equals_uninterrupted(uninterrupted, tmp_path, point):
     assert not list(out.rglob("*.tmp")) and not list((out / "cohorts").glob("*.pt"))
 
 
+@pytest.mark.slow  # a dry training step of every model and method of every pair: minutes for the big tables
 @pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("benchmarks/*.yaml")), ids=lambda p: p.name)
 def test_shipped_benchmarks_are_valid(registry, path):
     from kdzoo.config import read_yaml

@@ -26,6 +26,8 @@ def test_teacher_learns(teacher):
     assert metrics["last"]["top1"] > 30.0  # chance is 10%
     assert metrics["best"]["top1"] >= metrics["last"]["top1"]
     assert metrics["data"]["train"] == 4000 and metrics["data"]["test"] == 1000
+    env = metrics["environment"]  # the dtype it computed in, and why
+    assert env["autocast"] in ("float32", "bfloat16") and env["autocast_reason"]
     ckpt = load_checkpoint(teacher / "checkpoint.pt")
     assert ckpt["model"] == "resnet20" and ckpt["meta"]["top1"] == metrics["last"]["top1"]
 
