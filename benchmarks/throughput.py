@@ -67,6 +67,7 @@ from kdzoo_plugins.cifar10 import STD as CIFAR10_STD
 from kdzoo_plugins.cifar10 import load_cifar10
 from kdzoo.engine import Member, Trainer, autocast_dtype, resolve_device
 from kdzoo.plugins import Registry, load_plugins
+from kdzoo.precision import cpu_name
 from kdzoo.runner import build_method, build_student
 
 TEACHER, STUDENT = "resnet56", "resnet20"
@@ -648,20 +649,10 @@ def run_benchmark(path: str, device: torch.device, s: Settings, only: tuple[str,
 
 
 def machine(device: torch.device) -> dict[str, Any]:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     return {"name": name, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version()}
 
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def _fmt(value: float, unit: str) -> str:

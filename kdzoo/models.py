@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kdzoo import KDZooError
@@ -75,6 +76,21 @@ def pair_stages(teacher: NetInfo, student: NetInfo) -> list[tuple[int, int]]:
         return shared
     n = min(teacher.num_stages, student.num_stages)
     return [(teacher.num_stages - n + k, student.num_stages - n + k) for k in range(n)]
+
+
+def pool_to_match(f_s: torch.Tensor, f_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adaptive-average-pool whichever of two paired maps is larger to ``(min H, min W)`` of the two."""
+    size = (min(f_s.shape[2], f_t.shape[2]), min(f_s.shape[3], f_t.shape[3]))
+    if tuple(f_s.shape[2:]) != size:
+        f_s = F.adaptive_avg_pool2d(f_s, size)
+    if tuple(f_t.shape[2:]) != size:
+        f_t = F.adaptive_avg_pool2d(f_t, size)
+    return f_s, f_t
+
+
+def loss_dtype(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 for a loss computation, or float64 when it already is (reference tests)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 # --------------------------------------------------------------------------- the wrapper the engine uses

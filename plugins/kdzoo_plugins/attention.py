@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from kdzoo import KDZooError, hookimpl
 from kdzoo.methods import Method
-from kdzoo.models import NetInfo, Outputs, pair_stages
+from kdzoo.models import NetInfo, Outputs, pair_stages, pool_to_match
 
 
 def attention_map(f: torch.Tensor, p: float) -> torch.Tensor:
@@ -26,11 +26,7 @@ def attention_map(f: torch.Tensor, p: float) -> torch.Tensor:
 
 def at_loss(f_s: torch.Tensor, f_t: torch.Tensor, p: float) -> torch.Tensor:
     """``mean((a(f_s) - a(f_t)) ** 2)`` after pooling the larger map to the smaller spatial size."""
-    size = (min(f_s.shape[2], f_t.shape[2]), min(f_s.shape[3], f_t.shape[3]))
-    if tuple(f_s.shape[2:]) != size:
-        f_s = F.adaptive_avg_pool2d(f_s, size)
-    if tuple(f_t.shape[2:]) != size:
-        f_t = F.adaptive_avg_pool2d(f_t, size)
+    f_s, f_t = pool_to_match(f_s, f_t)
     return (attention_map(f_s, p) - attention_map(f_t, p)).pow(2).mean()
 
 

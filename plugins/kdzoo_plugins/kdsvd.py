@@ -54,12 +54,7 @@ import torch.nn.functional as F
 
 from kdzoo import KDZooError, hookimpl
 from kdzoo.methods import Method, PairNotSupported
-from kdzoo.models import NetInfo, Outputs, pair_stages
-
-
-def _precise(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in float32, or float64 when it already is."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+from kdzoo.models import NetInfo, Outputs, loss_dtype, pair_stages
 
 
 def _finite(x: torch.Tensor) -> torch.Tensor:
@@ -105,7 +100,7 @@ def right_singular_vectors(x: torch.Tensor, n: int) -> torch.Tensor:
 
 def stage_matrix(f: torch.Tensor) -> torch.Tensor:
     """A ``(B, C, H, W)`` map as ``(B, H*W, C)`` (RepDistiller's ``view(B, C, H*W).transpose``), float32."""
-    return _precise(f).flatten(2).transpose(1, 2)
+    return loss_dtype(f).flatten(2).transpose(1, 2)
 
 
 def teacher_svd(f_t: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

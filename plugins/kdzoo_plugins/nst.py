@@ -25,22 +25,7 @@ import torch.nn.functional as F
 
 from kdzoo import hookimpl
 from kdzoo.methods import Method
-from kdzoo.models import NetInfo, Outputs, pair_stages
-
-
-def _precise(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in float32, or float64 when it already is."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
-
-
-def pool_to_match(f_s: torch.Tensor, f_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Adaptive-average-pool whichever map is larger to ``(min H, min W)`` of the two."""
-    size = (min(f_s.shape[2], f_t.shape[2]), min(f_s.shape[3], f_t.shape[3]))
-    if tuple(f_s.shape[2:]) != size:
-        f_s = F.adaptive_avg_pool2d(f_s, size)
-    if tuple(f_t.shape[2:]) != size:
-        f_t = F.adaptive_avg_pool2d(f_t, size)
-    return f_s, f_t
+from kdzoo.models import NetInfo, Outputs, loss_dtype, pair_stages, pool_to_match
 
 
 def poly_kernel_mean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -51,7 +36,7 @@ def poly_kernel_mean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def nst_loss(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
     """Squared MMD with the kernel ``(a.b)^2`` between the L2-normalised channel maps of one stage pair."""
     with torch.autocast(f_s.device.type, enabled=False):
-        f_s, f_t = pool_to_match(_precise(f_s), _precise(f_t.detach()))
+        f_s, f_t = pool_to_match(loss_dtype(f_s), loss_dtype(f_t.detach()))
         s = F.normalize(f_s.flatten(2), dim=2)
         with torch.no_grad():
             t = F.normalize(f_t.flatten(2), dim=2)

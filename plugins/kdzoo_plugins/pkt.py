@@ -21,14 +21,9 @@ import torch
 
 from kdzoo import KDZooError, hookimpl
 from kdzoo.methods import Method
-from kdzoo.models import Outputs
+from kdzoo.models import Outputs, loss_dtype
 
 EPS = 1e-7
-
-
-def _precise(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in float32, or float64 when it already is."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 def similarity_probabilities(e: torch.Tensor, eps: float = EPS) -> torch.Tensor:
@@ -47,8 +42,8 @@ def pkt_loss(e_s: torch.Tensor, e_t: torch.Tensor, eps: float = EPS) -> torch.Te
     """``mean(P_t * log((P_t + eps) / (P_s + eps)))`` over all ``B^2`` entries."""
     with torch.autocast(e_s.device.type, enabled=False):
         with torch.no_grad():
-            p_t = similarity_probabilities(_precise(e_t.detach()), eps)
-        p_s = similarity_probabilities(_precise(e_s), eps)
+            p_t = similarity_probabilities(loss_dtype(e_t.detach()), eps)
+        p_s = similarity_probabilities(loss_dtype(e_s), eps)
         return (p_t * torch.log((p_t + eps) / (p_s + eps))).mean()
 
 

@@ -23,12 +23,7 @@ import torch.nn.functional as F
 
 from kdzoo import KDZooError, hookimpl
 from kdzoo.methods import Method
-from kdzoo.models import Outputs
-
-
-def _precise(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in float32, or float64 when it already is."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+from kdzoo.models import Outputs, loss_dtype
 
 
 def similarity_matrix(f: torch.Tensor) -> torch.Tensor:
@@ -42,8 +37,8 @@ def sp_loss(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
     batch = f_s.shape[0]
     with torch.autocast(f_s.device.type, enabled=False):
         with torch.no_grad():
-            g_t = similarity_matrix(_precise(f_t.detach()))
-        g_s = similarity_matrix(_precise(f_s))
+            g_t = similarity_matrix(loss_dtype(f_t.detach()))
+        g_s = similarity_matrix(loss_dtype(f_s))
         return (g_t - g_s).pow(2).sum() / (batch * batch)
 
 

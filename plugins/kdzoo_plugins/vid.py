@@ -35,22 +35,7 @@ from torch import nn
 
 from kdzoo import KDZooError, hookimpl
 from kdzoo.methods import Method
-from kdzoo.models import NetInfo, Outputs, pair_stages
-
-
-def _precise(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in float32, or float64 when it already is."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
-
-
-def pool_to_match(f_s: torch.Tensor, f_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Adaptive-average-pool whichever map is larger to ``(min H, min W)`` of the two."""
-    size = (min(f_s.shape[2], f_t.shape[2]), min(f_s.shape[3], f_t.shape[3]))
-    if tuple(f_s.shape[2:]) != size:
-        f_s = F.adaptive_avg_pool2d(f_s, size)
-    if tuple(f_t.shape[2:]) != size:
-        f_t = F.adaptive_avg_pool2d(f_t, size)
-    return f_s, f_t
+from kdzoo.models import NetInfo, Outputs, loss_dtype, pair_stages, pool_to_match
 
 
 def make_regressor(s_channels: int, t_channels: int) -> nn.Sequential:
@@ -104,7 +89,7 @@ class VID(Method):
             f_s, f_t = pool_to_match(student.features[s], teacher.features[t].detach())
             mu = regressor(f_s)
             with torch.autocast(mu.device.type, enabled=False):
-                vid = vid + gaussian_nll(_precise(mu), _precise(f_t), log_scale, self.var_eps)
+                vid = vid + gaussian_nll(loss_dtype(mu), loss_dtype(f_t), log_scale, self.var_eps)
         return {"ce": self.w_ce * self.ce(student.logits, labels), "vid": self.w_vid * vid}
 
 
