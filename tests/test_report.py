@@ -10,6 +10,11 @@ Store (seeds 0, 1, 2; columns ce, kd, attention), last-epoch / best-epoch top-1:
     ce         90 91 92               → 91.00 ± 1.00  (err 9.00 vs 8.77: +0.23)
     kd         91 93 —(not run)       → 92.00 ± 1.41, Δ +1.5 (1,2), std 0.71 (err 8.00 vs 8.39: −0.39)
     attention  92 93 failed           → 92.50 ± 0.71, Δ +2 (2,2)   (err 7.50 vs 8.25: −0.75)
+
+95% intervals of Δ (mean ± t·s/√n, t from printed tables: t(.975, 2) = 4.30265273, t(.975, 1) = 12.706204736):
+last-epoch attention −1 ± 2.4841 (includes 0), kd +2 ± 0 (identical pairs: zero width, excludes 0), wrn kd
++1.5 ± 6.3531; best-epoch kd +3 ± 2.4841 = [0.5159, 5.4841] (excludes 0). Ranks from the top-1 intervals:
+best-epoch ce [69.52, 74.48] lies wholly below kd [75, 75] and attention [74.52, 79.48] → ce 3, kd =1, attention =1.
 """
 from __future__ import annotations
 
@@ -23,7 +28,9 @@ from rich.console import Console
 
 from kdzoo import KDZooError
 from kdzoo.records import BenchRecord, BestEpoch, RunRecord, Scores, TeacherRecord, TeacherRef
-from kdzoo.report import export, render_table, summarize, summarize_dir, to_csv, to_json, to_markdown
+from kdzoo.report import (
+    CSV_COLUMNS, export, render_table, summarize, summarize_dir, to_csv, to_json, to_markdown,
+)
 from kdzoo.store import Store
 
 NAN_ERROR = "Loss became non-finite (nan) at epoch 2, step 3.\nLower the learning rate."
@@ -139,8 +146,9 @@ def test_best_epoch_switch(store):
     assert [c.best for c in a.values()] == [False, False, True]  # attention wins on best-epoch, kd on last
     assert best.rows[0].teacher_stat.mean == 91.0
     md = to_markdown(best)
-    assert "| resnet20 → mobilenet | 91.00 | 1.20M | 0.30M | 72.00 ± 1.00 (n=3) | 75.00 ± 0.00 (n=3)<br>Δ +3.00 " \
-           "| **77.00 ± 1.00**\\* (n=3)<br>Δ +5.00 |" in md
+    assert "| resnet20 → mobilenet | 91.00 | 1.20M | 0.30M | 72.00 ± 1.00 (n=3) rank 3 " \
+           "| 75.00 ± 0.00 (n=3) rank =1<br>Δ +3.00 [+0.52, +5.48]† " \
+           "| **77.00 ± 1.00**\\* (n=3) rank =1<br>Δ +5.00 [+5.00, +5.00]† |" in md
     with pytest.raises(KDZooError, match="'last'"):
         summarize(store.runs(), store.bench(), "final")
 
@@ -165,12 +173,14 @@ def test_markdown(store):
     assert lines[0] == "hand-made store"
     assert lines[2].startswith("**unit**: last-epoch top-1 accuracy (%)") and "2 epochs, 100 train images" in lines[2]
     assert "| Teacher → Student | Teacher top-1 | Teacher params | Student params | ce | kd | attention |" in lines
-    assert "| resnet20 → mobilenet | 90.00 | 1.20M | 0.30M | 71.00 ± 1.00 (n=3) | **73.00 ± 1.00**\\* (n=3)<br>Δ +2.00 " \
-           "| 70.00 ± 1.00 (n=3)<br>Δ -1.00 |" in lines
+    assert "| resnet20 → mobilenet | 90.00 | 1.20M | 0.30M | 71.00 ± 1.00 (n=3) rank =1 " \
+           "| **73.00 ± 1.00**\\* (n=3) rank =1<br>Δ +2.00 [+2.00, +2.00]† " \
+           "| 70.00 ± 1.00 (n=3) rank =1<br>Δ -1.00 [-3.48, +1.48] |" in lines
     assert "| wrn40_1 → wrn16_1 | 93.00<br>err 7.00 vs ref 6.58 (+0.42) | 0.60M | 0.17M " \
-           "| 91.00 ± 1.00 (n=3)<br>err 9.00 vs ref 8.77 (+0.23) " \
-           "| 92.00 ± 1.41 (n=2)<br>Δ +1.50<br>1 missing<br>err 8.00 vs ref 8.39 (-0.39) " \
-           "| **92.50 ± 0.71**\\* (n=2)<br>Δ +2.00<br>1 failed<br>err 7.50 vs ref 8.25 (-0.75) |" in lines
+           "| 91.00 ± 1.00 (n=3) rank =1<br>err 9.00 vs ref 8.77 (+0.23) " \
+           "| 92.00 ± 1.41 (n=2) rank =1<br>Δ +1.50 [-4.85, +7.85]<br>1 missing<br>err 8.00 vs ref 8.39 (-0.39) " \
+           "| **92.50 ± 0.71**\\* (n=2) rank =1<br>Δ +2.00 [+2.00, +2.00]†<br>1 failed" \
+           "<br>err 7.50 vs ref 8.25 (-0.75) |" in lines
     assert "Reference: Zagoruyko & Komodakis, ICLR 2017, Table 2" in lines
     assert "- wrn40_1 → wrn16_1 attention seed 2 (b-attention-2): Loss became non-finite (nan) at epoch 2, step 3. " \
            "Lower the learning rate." in lines
@@ -256,8 +266,12 @@ def test_failed_missing_and_checkpoint_teacher():
     assert s.rows[0].teacher_stat.values == [94.0] and s.rows[0].teacher_params == 850_000
     assert summarize(runs, b, "best").rows[0].teacher_stat.values == [94.2]
     line = next(l for l in to_markdown(s).splitlines() if l.startswith("| resnet56"))
-    assert line == ("| resnet56 → resnet8 | 94.00 | 0.85M | 0.08M | 80.00 (n=1)<br>1 failed "
-                    "| **82.00 ± 1.41**\\* (n=2)<br>Δ +3.00 (1 paired)<br>82.00 vs ref 82.50 (-0.50) | failed | — |")
+    # one pair: no interval; ce's single run (a point) lies inside kd's interval 82 ± 12.7: tied
+    assert line == ("| resnet56 → resnet8 | 94.00 | 0.85M | 0.08M | 80.00 (n=1) rank =1<br>1 failed "
+                    "| **82.00 ± 1.41**\\* (n=2) rank =1<br>Δ +3.00 (1 paired)<br>82.00 vs ref 82.50 (-0.50) "
+                    "| failed | — |")
+    assert c["kd(T=2)"].delta_ci.low is None and c["kd(T=2)"].delta_ci.reason == "one seed: no interval"
+    assert (c["attention"].rank, c["rkd"].rank) == ("", "")
     assert [f.run_id for f in s.failures] == ["ce-0", "at-0"]
     with pytest.raises(KDZooError, match="'error'"):
         summarize(runs, bench(runs, columns=["ce"], pairs=[], reference={"source": "p", "metric": "acc", "rows": []}))
@@ -315,3 +329,64 @@ def test_wide_benchmarks_are_laid_out_a_row_per_method():
     few = summarize(records, bench(records, columns=columns[:5], pairs=[["resnet32", "resnet8"]],
                                    teachers={"resnet32": "tA"}))
     assert "| Teacher → Student | Teacher top-1 |" in to_markdown(few)
+
+
+T975 = {1: 12.706204736, 2: 4.30265273}  # two-sided 95% Student-t quantiles, from printed tables
+
+
+def test_delta_confidence_intervals_and_ranks(store):
+    last, best = summarize(store.runs(), store.bench(), "last"), summarize(store.runs(), store.bench(), "best")
+    a, b, a_best = cells(last, 0), cells(last, 1), cells(best, 0)
+    half3 = T975[2] * 1.0 / math.sqrt(3)  # s = 1 over three pairs
+    att = a["attention"].delta_ci
+    assert (att.mean, att.n, att.level) == (-1.0, 3, 0.95)
+    assert (att.low, att.high) == (pytest.approx(-1 - half3, abs=1e-7), pytest.approx(-1 + half3, abs=1e-7))
+    assert not att.excludes_zero
+    assert (a["kd"].delta_ci.low, a["kd"].delta_ci.high) == (2.0, 2.0) and a["kd"].delta_ci.excludes_zero
+    kd_b = b["kd"].delta_ci  # two pairs: 1.5 ± 12.706·√0.5/√2
+    assert (kd_b.low, kd_b.high) == (pytest.approx(1.5 - T975[1] * 0.5, abs=1e-7),
+                                     pytest.approx(1.5 + T975[1] * 0.5, abs=1e-7))
+    kd_best = a_best["kd"].delta_ci
+    assert (kd_best.low, kd_best.high) == (pytest.approx(3 - half3, abs=1e-7), pytest.approx(3 + half3, abs=1e-7))
+    assert kd_best.excludes_zero and a["ce"].delta_ci is None
+    assert [c.rank for c in a.values()] == ["=1", "=1", "=1"]  # the top-1 intervals (± 2.48) all overlap
+    assert [c.rank for c in a_best.values()] == ["3", "=1", "=1"]
+
+    rows = {(r["teacher"], r["variant"]): r for r in csv.DictReader(io.StringIO(to_csv(last)))}
+    assert CSV_COLUMNS[-4:] == ["delta_ci_low", "delta_ci_high", "delta_significant", "rank"]
+    assert list(rows["resnet20", "ce"]) == CSV_COLUMNS
+    at = rows["resnet20", "attention"]
+    assert (float(at["delta_ci_low"]), float(at["delta_ci_high"])) == (round(-1 - half3, 4), round(-1 + half3, 4))
+    assert (at["delta_significant"], at["rank"]) == ("false", "=1")
+    assert (rows["resnet20", "kd"]["delta_significant"], rows["resnet20", "ce"]["delta_significant"]) == ("true", "")
+    data = to_json(best)
+    kd = next(c for c in data["cells"] if c["teacher"] == "resnet20" and c["variant"] == "kd")
+    assert (kd["delta_ci_low"], kd["delta_ci_high"]) == (pytest.approx(3 - half3), pytest.approx(3 + half3))
+    assert (kd["delta_significant"], kd["rank"], kd["delta_ci_level"]) == (True, "=1", 0.95)
+    assert data["confidence_level"] == 0.95
+    ce = next(c for c in data["cells"] if c["teacher"] == "resnet20" and c["variant"] == "ce")
+    assert (ce["delta_ci_low"], ce["delta_significant"], ce["rank"]) == (None, None, "3")
+
+    console = Console(record=True, width=200)
+    render_table(best, console)
+    out = console.export_text()
+    for expected in ("72.00 ± 1.00 (n=3) rank 3", "Δ +3.00 [+0.52, +5.48]†", "† = the interval excludes 0",
+                     "95% confidence interval, Student's t"):
+        assert expected in " ".join(out.split()), expected
+
+
+def test_one_seed_shows_no_interval_and_says_why():
+    t = dict(teacher="t", t_key="k", t_top1=(90.0, 90.0), t_params=10, model="s", s_params=1000)
+    records = [student(f"r-{v}", **t, variant=v, seed=0, last=top1, best=top1)
+               for v, top1 in (("ce", 50.0), ("kd", 55.0), ("rkd", 55.0), ("dkd", 49.0))]
+    summary = summarize(records, bench(records, columns=["ce", "kd", "rkd", "dkd"], pairs=[["t", "s"]]))
+    assert "one seed: no confidence intervals and no † marks (an interval needs at least 2 seeds)" in summary.caption
+    row = cells(summary, 0)
+    assert row["kd"].delta_ci.reason == "one seed: no interval" and row["kd"].delta_ci.low is None
+    assert {v: c.rank for v, c in row.items()} == {"ce": "3", "kd": "=1", "rkd": "=1", "dkd": "4"}  # by top-1 alone
+    md = to_markdown(summary)
+    assert "| 50.00 (n=1) rank 3 | **55.00**\\* (n=1) rank =1<br>Δ +5.00 | **55.00**\\* (n=1) rank =1<br>Δ +5.00 " \
+           "| 49.00 (n=1) rank 4<br>Δ -1.00 |" in md
+    assert "[" not in md.split("| Teacher")[1] and "†" not in md.split("| Teacher")[1]
+    kd = next(r for r in csv.DictReader(io.StringIO(to_csv(summary))) if r["variant"] == "kd")
+    assert (kd["delta_ci_low"], kd["delta_ci_high"], kd["delta_significant"], kd["rank"]) == ("", "", "", "=1")
