@@ -21,6 +21,14 @@ Rows (images per second are medians over timed windows, after untimed warm-up wi
   ``num_workers``) over a fixed number of batches.
 * **P5** resnet20 trained with ``ce`` in the engine, converted to FLOP/s (3x the forward FLOPs
   counted by ``torch.utils.flop_counter``) against the fp32 matmul peak measured in this run.
+* **P7** one cohort for every student of a teacher against one cohort per student: wrn_40_2 ->
+  wrn_16_2 and wrn_40_1 (the published tables' pair shape: the teacher costs more than each student),
+  ``COHORT``'s five methods per student. The shared cohort runs the teacher once per batch instead of
+  once per student; the ratio is its cost relative to the per-student cohorts for the same images.
+* **P8** evaluation's share of a quick-benchmark epoch: ``benchmarks/quick.yaml``'s cohort (resnet32 ->
+  resnet20 and wrn_16_1, its five methods each, batch 128) on a subset with quick's 5:2 ratio of
+  training to test images; the share is (epoch wall − training time) / epoch wall, where the epoch
+  wall includes every member's per-epoch evaluation on the test split.
 * **P6** the cost of each method's main-stage training step relative to ``ce`` (resnet56 ->
   resnet20, every first-party method with its defaults; an init stage is timed separately as
   ``<name> init``), and the peak memory of each: users choose methods by cost too.
@@ -67,11 +75,14 @@ from kdzoo_plugins.cifar10 import STD as CIFAR10_STD
 from kdzoo_plugins.cifar10 import load_cifar10
 from kdzoo.engine import Member, Trainer, autocast_dtype, resolve_device
 from kdzoo.plugins import Registry, load_plugins
-from kdzoo.precision import cpu_name
+from kdzoo.precision import choose as choose_precision
+from kdzoo.precision import cpu_capabilities, cpu_name
 from kdzoo.runner import build_method, build_student
 
 TEACHER, STUDENT = "resnet56", "resnet20"
 COHORT = ("ce", "kd", "fitnets", "attention", "rkd")
+CROSS_TEACHER, CROSS_STUDENTS = "wrn_40_2", ("wrn_16_2", "wrn_40_1")  # P7
+QUICK_TEACHER, QUICK_STUDENTS = "resnet32", ("resnet20", "wrn_16_1")  # P8: benchmarks/quick.yaml's networks
 FIRST_PARTY = ("kdzoo",)  # the distribution whose methods P6 times (kdzoo's own, the builtin ce included)
 SEED = 0
 
@@ -90,12 +101,13 @@ class Settings:
     matmul_n: int = 2048
     matmul_reps: int = 8
     anchor_workers: tuple[int, ...] = (0, 1, 2)  # DataLoader num_workers candidates for the anchor loops
+    eval_images: int = 400  # P8's test images (with 2.5x as many training images, quick.yaml's ratio)
 
 
 FULL = Settings()
 # window=2: a training subset of window x batch_size = 16 images, at least one per class (prepare_data requires it)
 QUICK = Settings(batch_size=8, window=2, windows=2, warmup=0, select_windows=1, data_images=1024,
-                 anchor_data_steps=2, matmul_n=256, matmul_reps=4)
+                 anchor_data_steps=2, matmul_n=256, matmul_reps=4, eval_images=40)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,16 +252,17 @@ def engine_runner(trainer: Trainer, members_per_image: int = 1) -> Callable[[int
     return run
 
 
-def separate_runner(trainers: list[Trainer]) -> Callable[[int], float]:
-    """Each single-member trainer runs the window in turn; the rate is member-images over the total time."""
+def separate_runner(trainers: list[Trainer], members_per_image: int = 1) -> Callable[[int], float]:
+    """Each trainer runs the window in turn; the rate is member-images over the total time."""
 
     def run(epoch: int) -> float:
         images, seconds = 0, 0.0
         for t in trainers:
             t.train_epoch(epoch)
-            if t.members[0].error:
-                raise RuntimeError(f"benchmark member failed: {t.members[0].error}")
-            images += t.steps_per_epoch * t.recipe.batch_size
+            failed = [m for m in t.members if m.error]
+            if failed:
+                raise RuntimeError(f"benchmark member failed: {failed[0].label}: {failed[0].error}")
+            images += t.steps_per_epoch * t.recipe.batch_size * members_per_image
             seconds += t.members[0].history[-1]["epoch_time_s"]
         return images / seconds
 
@@ -447,7 +460,7 @@ def say(msg: str) -> None:
     print(f"[{time.perf_counter() - _T0:6.1f} s] {msg}", file=sys.stderr, flush=True)
 
 
-ROWS = ("P1", "P2", "P3", "P4", "P5", "P6")
+ROWS = ("P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8")
 
 
 def run_benchmark(path: str, device: torch.device, s: Settings, only: tuple[str, ...] = ROWS,
@@ -544,6 +557,68 @@ def run_benchmark(path: str, device: torch.device, s: Settings, only: tuple[str,
                                       p2[f"cohort{suffix}"], p2[f"separate{suffix}"], r2, f"cost {r2:.2f}",
                                       "<= 0.70" if not suffix else "(ablation)", r2 <= 0.70 if not suffix else None)
         del runners
+
+    # -- P7: one cohort across students vs one cohort per student --------------------------------
+    if "P7" in only:
+        say(f"P7: one cohort for {' and '.join(CROSS_STUDENTS)} vs one cohort per student ...")
+        teacher = build_student(registry, CROSS_TEACHER, {}, SEED + 1, num_classes=10).eval().requires_grad_(False)
+
+        def members(student: str) -> list[Member]:
+            out = []
+            for m in COHORT:
+                net = build_student(registry, student, {}, SEED, num_classes=10)
+                out.append(Member(f"{student}/{m}", net, build_method(registry, m, {}, net.info, teacher.info, SEED,
+                                                                      pair=(CROSS_TEACHER, student), teacher_net=teacher)))
+            return out
+
+        shared = Trainer([m for st in CROSS_STUDENTS for m in members(st)], window_data, recipe, teacher=teacher,
+                         seed=SEED, device=device)
+        per_student = [Trainer(members(st), window_data, recipe, teacher=teacher, seed=SEED, device=device)
+                       for st in CROSS_STUDENTS]
+        n = len(COHORT) * len(CROSS_STUDENTS)
+        runners = {"one cohort": engine_runner(shared, n), "per student": separate_runner(per_student, len(COHORT))}
+        passes: list[int] = []
+        hook = teacher.register_forward_hook(lambda *_: passes.append(1))
+        p7 = interleave(runners, s.windows, s.warmup, mem, units={k: "member-img/s" for k in runners})
+        hook.remove()
+        r7 = paired_ratio(p7["per student"], p7["one cohort"])  # shared cost / per-student cost
+        p7["per student"].label = f"{len(CROSS_STUDENTS)} cohorts of {len(COHORT)}"
+        extra["p7_teacher_forwards_per_batch"] = {"one cohort": 1, "per student": len(CROSS_STUDENTS)}
+        rows["P7"] = Row("P7", f"one cohort for {CROSS_TEACHER}->{'+'.join(CROSS_STUDENTS)} ({n} runs, 1 teacher pass "
+                               f"per batch) vs a cohort per student ({len(CROSS_STUDENTS)} passes)",
+                         p7["one cohort"], p7["per student"], r7, f"cost {r7:.2f}", "< 1", r7 < 1)
+        del runners
+
+    # -- P8: evaluation's share of a quick-benchmark epoch --------------------------------------
+    if "P8" in only:
+        say("P8: evaluation's share of a quick-benchmark epoch ...")
+        quick = prepare_data(load_cifar10(path), train_size=5 * s.eval_images // 2, test_size=s.eval_images,
+                             device=device)
+        teacher = build_student(registry, QUICK_TEACHER, {}, SEED + 1, num_classes=10).eval().requires_grad_(False)
+        members = []
+        for student in QUICK_STUDENTS:
+            for m in COHORT:
+                net = build_student(registry, student, {}, SEED, num_classes=10)
+                members.append(Member(f"{student}/{m}", net, build_method(registry, m, {}, net.info, teacher.info, SEED,
+                                                                          pair=(QUICK_TEACHER, student), teacher_net=teacher)))
+        trainer = Trainer(members, quick, bench_recipe(128), teacher=teacher, seed=SEED, device=device)
+        walls, trains = [], []
+        for epoch in range(s.warmup + s.windows):
+            t0 = time.perf_counter()
+            trainer.train_epoch(epoch)
+            sync(device)
+            if epoch >= s.warmup:
+                walls.append(time.perf_counter() - t0)
+                trains.append(trainer.members[0].history[-1]["epoch_time_s"])
+        share = statistics.median((w - t) / w for w, t in zip(walls, trains))
+        img = len(members) * len(quick.train_y)
+        ours = Measurement("epoch with evaluation", [img / w for w in walls], unit="member-img/s")
+        base = Measurement("training alone", [img / t for t in trains], unit="member-img/s")
+        extra["p8_eval_share"] = {"walls_s": walls, "train_s": trains, "train_images": len(quick.train_y),
+                                  "test_images": len(quick.test_y), "members": len(members)}
+        rows["P8"] = Row("P8", f"evaluation's share of a quick.yaml epoch ({len(members)} members, "
+                               f"{len(quick.train_y):,} train / {len(quick.test_y):,} test images)",
+                         ours, base, share, f"{100 * share:.1f}% of the epoch", "<= 10%", share <= 0.10)
 
     # -- P4: the data path alone ----------------------------------------------------------------
     if "P4" in only:
@@ -650,8 +725,11 @@ def run_benchmark(path: str, device: torch.device, s: Settings, only: tuple[str,
 
 def machine(device: torch.device) -> dict[str, Any]:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    caps = cpu_capabilities()
+    bf16 = ", ".join(k for k in ("amx_bf16", "avx512_bf16") if caps.get(k)) or "no native bf16 (no AMX-BF16/AVX512-BF16)"
     return {"name": name, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version()}
+            "python": platform.python_version(), "cpu_bf16": bf16,
+            "autocast_auto": choose_precision("auto", device).name}
 
 
 
@@ -666,7 +744,8 @@ def print_table(result: dict[str, Any]) -> None:
     from rich.table import Table
 
     m = result["machine"]
-    table = Table(title=f"kdzoo throughput on {m['name']} ({result['device']}, {m['torch_threads']} threads); "
+    table = Table(title=f"kdzoo throughput on {m['name']} ({result['device']}, {m['torch_threads']} threads; CPU bf16: "
+                        f"{m.get('cpu_bf16', '?')}; autocast auto -> {m.get('autocast_auto', '?')}); "
                         f"load avg {result['loadavg_start'][0]:.1f} -> {result['loadavg_end'][0]:.1f}")
     for col in ("row", "what", "kdzoo", "baseline", "ratio", "goal", "met", f"{result['memory']} (MB)"):
         table.add_column(col, overflow="fold")

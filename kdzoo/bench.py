@@ -10,8 +10,9 @@ Everything a caller needs stays importable from here: the plan types and :func:`
 :func:`validate` and :func:`prepare` (``kdzoo.validation``) and :func:`estimate_seconds` (``kdzoo.estimate``).
 
 * **Teachers** are trained once and cached under ``$KDZOO_CACHE/teachers/<key>`` (see ``kdzoo.plan``).
-* **Cohorts.** Runs sharing (teacher, student, seed) train together (see ``kdzoo.engine``):
-  paired and bit-identical to solo runs. ``cohorts: false`` trains each run alone.
+* **Cohorts.** Runs sharing (teacher, seed) train together across students (see ``kdzoo.plan``,
+  ``kdzoo.engine``): one teacher pass per batch, paired and bit-identical to solo runs.
+  ``cohorts: false`` trains each run alone.
 * **Resume.** After every epoch a cohort (or teacher) saves its full training state
   atomically; finished runs are written atomically to the store and skipped next time. Run
   the same command again after any interruption and it continues where it stopped.
@@ -153,9 +154,10 @@ def run_cohort(cohort: Cohort, teacher: TeacherRecord, ctx: Context) -> None:
     ref = TeacherRef(model=cohort.teacher.model, key=cohort.teacher.key, params=teacher.params,
                      top1=teacher.last.top1 if teacher.last else None,
                      best_top1=teacher.best.top1 if teacher.best else None)
-    common = {"cohort_id": cohort.cohort_id, "teacher": ref, "model": cohort.student.model,
-              "model_options": cohort.student.options, "seed": cohort.seed, "recipe": dataclasses.asdict(cohort.recipe)}
-    identity = {run.run_id: {"run_id": run.run_id, "method": run.variant.method, "variant": run.variant.label,
+    common = {"cohort_id": cohort.cohort_id, "teacher": ref, "seed": cohort.seed,
+              "recipe": dataclasses.asdict(cohort.recipe)}
+    identity = {run.run_id: {"run_id": run.run_id, "model": run.student.model, "model_options": run.student.options,
+                             "method": run.variant.method, "variant": run.variant.label,
                              "hparams_override": run.variant.hparams, "provenance": run.provenance}
                 for run in cohort.runs}
     if teacher.status != "ok":
@@ -166,12 +168,12 @@ def run_cohort(cohort: Cohort, teacher: TeacherRecord, ctx: Context) -> None:
     teacher_net, _ = load_job_teacher(cohort.teacher, ctx.registry, ctx.data)
     members = []
     for run in cohort.runs:
-        student = build_student(ctx.registry, cohort.student.model, cohort.student.options, cohort.seed,
+        student = build_student(ctx.registry, run.student.model, run.student.options, cohort.seed,
                                 ctx.data.num_classes, ctx.data.image_size)
         method = build_method(ctx.registry, run.variant.method, run.variant.hparams, student.info, teacher_net.info,
-                              cohort.seed, pair=(cohort.teacher.model, cohort.student.model), teacher_net=teacher_net,
+                              cohort.seed, pair=(cohort.teacher.model, run.student.model), teacher_net=teacher_net,
                               train_labels=ctx.data.train_y)
-        members.append(Member(run.variant.label, student, method,
+        members.append(Member(cohort.member_label(run), student, method,
                               origin=ctx.registry.describe_origin(run.variant.method)))
     trainer = Trainer(members, ctx.data, cohort.recipe, teacher=teacher_net, seed=cohort.seed, device=ctx.device,
                       progress=ctx.progress)
@@ -184,7 +186,7 @@ def run_cohort(cohort: Cohort, teacher: TeacherRecord, ctx: Context) -> None:
         ctx.store.write_run(RunRecord(
             **common, **identity[run.run_id], **_scores(result), hparams=result["hparams"],
             params=result["params"]["student"], method_params=result["params"]["method"],
-            flops=ctx.plan.flops.get(cohort.student.model), data=data_info(ctx.data), environment=env))
+            flops=ctx.plan.flops.get(run.student.model), data=data_info(ctx.data), environment=env))
     state_path.unlink(missing_ok=True)
 
 
@@ -222,7 +224,7 @@ def run_local(ctx: Context, todo: list[Cohort]) -> None:
     """The default executor: the teachers, then one cohort after another, in this process."""
     teachers = {job.model: ensure_teacher(job, ctx) for job in teachers_to_ensure(ctx.plan, todo, ctx.store)}
     for i, cohort in enumerate(todo):
-        ctx.say("cohort", f"[{i + 1}/{len(todo)}] {cohort.label}: {', '.join(r.variant.label for r in cohort.runs)}")
+        ctx.say("cohort", f"[{i + 1}/{len(todo)}] {cohort.label}: {', '.join(cohort.member_label(r) for r in cohort.runs)}")
         t0 = time.perf_counter()
         run_cohort(cohort, teachers[cohort.teacher.model], ctx)
         ctx.say("cohort_done", f"{cohort.label} in {time.perf_counter() - t0:.0f}s")

@@ -1,7 +1,7 @@
 """One training loop. Training a teacher is distillation with no teacher (the ``ce`` method).
 
 A ``Trainer`` trains a *cohort*: one or more ``Member`` (student + method) pairs that share a
-teacher, a seed, a recipe and the data. Each batch is loaded and augmented once, the teacher
+teacher, a seed, a recipe and the data; the students may differ. Each batch is loaded and augmented once, the teacher
 runs once (with stage features only if some member needs them), and every member takes its
 own optimiser step. A solo run is a cohort of one, so a member trained in a cohort gives the
 same result as the same member trained alone (bit for bit on CPU, and on CUDA with
@@ -311,6 +311,21 @@ def preflight(student: KDNet, method: Method | None, teacher: KDNet | None, batc
             ) from e
 
 
+def cohort_precision(autocast: str, device: torch.device, students: list[KDNet],
+                     input_size: tuple[int, int]) -> Precision:
+    """One dtype for a cohort (its teacher pass is shared): bf16 where it is faster (``kdzoo.precision``) for
+    every distinct student network, else float32. Each run equals its solo run whenever the students agree."""
+    choices: dict[str, Precision] = {}
+    for s in students:
+        choices.setdefault(type(getattr(s, "model", s)).__name__ + str(count_params(s)),
+                           choose_precision(autocast, device, s, input_size))
+    first = next(iter(choices.values()))
+    if all(p.dtype == first.dtype for p in choices.values()):
+        return first
+    slow = next(p for p in choices.values() if p.dtype is None)
+    return Precision(None, f"float32 for the whole cohort (its students disagree; one says: {slow.reason})")
+
+
 class Trainer:
     """Trains a cohort of members on ``data`` following ``recipe``; see the module docstring.
 
@@ -337,8 +352,7 @@ class Trainer:
         self.device = torch.device(device)
         self.progress = progress or Progress()
         self.teacher = teacher
-        # bf16 where it is faster (kdzoo.precision); the first member's student is probed if that must be measured
-        self.precision: Precision = choose_precision(recipe.autocast, self.device, members[0].student,
+        self.precision: Precision = cohort_precision(recipe.autocast, self.device, [m.student for m in members],
                                                      data.image_size)
         self.amp = self.precision.dtype
         self.memory_format = torch.channels_last if recipe.channels_last else torch.contiguous_format

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from kdzoo.config import Recipe
+from kdzoo.config import Recipe, StudentSpec
 from kdzoo.data import Data
 from kdzoo.engine import Member, Trainer
 from kdzoo.methods import PairNotSupported
@@ -31,24 +31,25 @@ def estimate_seconds(plan: Plan, data: Data, registry: Registry, device: torch.d
             continue
         key = ("teacher", job.model)
         if key not in probes:
-            probes[key] = _probe(registry, data, job.model, job.options, [], None, device, job.recipe, steps)
+            baseline = (StudentSpec(job.model, job.options), Variant(BASELINE, BASELINE, {}, ""))
+            probes[key] = _probe(registry, data, [baseline], None, device, job.recipe, steps)
         total += probes[key] * len(data.train_y) * job.recipe.epochs
     teachers: dict[str, KDNet] = {}
     for c in plan.cohorts:
-        key = (c.teacher.model, c.student.model, tuple(r.variant.label for r in c.runs))
+        key = (c.teacher.model, tuple((r.student.model, r.variant.label) for r in c.runs))
         if key not in probes:
             if c.teacher.model not in teachers:
                 torch.manual_seed(0)
                 teachers[c.teacher.model] = KDNet(
                     registry.create_model(c.teacher.model, num_classes=data.num_classes, **c.teacher.options),
                     input_size=data.image_size)
-            probes[key] = _probe(registry, data, c.student.model, c.student.options, [r.variant for r in c.runs],
+            probes[key] = _probe(registry, data, [(r.student, r.variant) for r in c.runs],
                                  teachers[c.teacher.model], device, c.recipe, steps)
         total += probes[key] * len(data.train_y) * c.recipe.epochs
     return total * 1.1  # evaluation adds roughly a tenth
 
 
-def _probe(registry: Registry, data: Data, model: str, options: dict[str, Any], variants: list[Variant],
+def _probe(registry: Registry, data: Data, runs: list[tuple[StudentSpec, Variant]],
            teacher: KDNet | None, device: torch.device, recipe: Recipe, steps: int) -> float:
     """Seconds per training image of one cohort shape: the second of two short epochs on a few real
     batches (the first one pays for warm-up)."""
@@ -56,14 +57,14 @@ def _probe(registry: Registry, data: Data, model: str, options: dict[str, Any], 
     probe_data = Data(data.train_x[:n], data.train_y[:n], data.test_x[:2], data.test_y[:2],
                       class_names=data.class_names, mean=data.mean, std=data.std, pad=data.pad, flip=data.flip)
     members = []
-    for v in variants or [Variant(BASELINE, BASELINE, {}, "")]:
-        student = build_student(registry, model, options, 0, data.num_classes, data.image_size)
+    for i, (spec, v) in enumerate(runs):
+        student = build_student(registry, spec.model, spec.options, 0, data.num_classes, data.image_size)
         try:
             method = build_method(registry, v.method, v.hparams, student.info, teacher.info if teacher else None, 0,
                                   teacher_net=teacher, train_labels=data.train_y)
         except PairNotSupported:  # n/a for this pair: nothing to time
             continue
-        members.append(Member(v.label, student, method))
+        members.append(Member(f"{i}:{spec.model}/{v.label}", student, method))
     # a constant schedule: the recipe's milestones lie beyond the probe's 2 epochs (and the lr does not change speed)
     probe_recipe = dataclasses.replace(recipe, epochs=2, batch_size=min(recipe.batch_size, n), compile=False,
                                        schedule="constant", milestones=[], warmup_epochs=0.0)

@@ -14,8 +14,9 @@ store → report.
 * **Teachers** are trained once and cached under ``$KDZOO_CACHE/teachers/<key>`` (default
   ``~/.cache/kdzoo``), where ``key`` hashes everything that determines the teacher: model and
   options, recipe, seed, data fingerprint (which covers the subset) and kdzoo version.
-* **Cohorts.** Runs sharing (teacher, student, seed) train together (see ``kdzoo.engine``):
-  paired and bit-identical to solo runs. ``cohorts: false`` trains each run alone.
+* **Cohorts.** Runs sharing (teacher, seed) train together, across students (see ``kdzoo.engine``):
+  the teacher runs once per batch for all of them, and each run stays bit-identical to its solo run
+  (the batches depend only on the seed and the epoch). ``cohorts: false`` trains each run alone.
 """
 from __future__ import annotations
 
@@ -82,21 +83,36 @@ class RunSpec:
     run_id: str
     variant: Variant
     seed: int
+    student: StudentSpec
     provenance: dict[str, str] = field(default_factory=dict)  # plugin versions hashed into run_id
 
 
 @dataclass
 class Cohort:
+    """Runs that train together: one teacher and seed, one or more students (one teacher pass per batch)."""
+
     cohort_id: str
     teacher: TeacherJob
-    student: StudentSpec
     seed: int
     recipe: Recipe
     runs: list[RunSpec]
 
     @property
+    def students(self) -> list[StudentSpec]:
+        """The distinct students of the cohort's runs, in plan order."""
+        seen: dict[str, StudentSpec] = {}
+        for r in self.runs:
+            seen.setdefault(r.student.model, r.student)
+        return list(seen.values())
+
+    def member_label(self, run: RunSpec) -> str:
+        """A run's name within the cohort (progress lines, the resumable state): the column, prefixed by
+        the student when the cohort has several."""
+        return run.variant.label if len(self.students) == 1 else f"{run.student.model}/{run.variant.label}"
+
+    @property
     def label(self) -> str:
-        return f"{self.teacher.model} → {self.student.model} (seed {self.seed})"
+        return f"{self.teacher.model} → {', '.join(s.model for s in self.students)} (seed {self.seed})"
 
 
 @dataclass
@@ -274,21 +290,22 @@ def expand(bench: BenchConfig, data: DataShape, registry: Registry) -> Plan:
             pairs.append((pair[0], pair[1]))
 
     student_recipe = _recipe(bench.recipe, bench.student_recipe, path="student_recipe")
-    cohorts: list[Cohort] = []
+    by_teacher: dict[tuple[str, int], list[RunSpec]] = {}  # (teacher, seed) -> its runs, every student
     for t_name, s_name in pairs:
         teacher, student = teachers[t_name], students[s_name]
         for seed in bench.seeds:
-            runs = []
             for v in variants:
                 origin = {**versions, "model_plugin": provenance(registry, "model", s_name),
                           "method_plugin": provenance(registry, "method", v.method)}
                 run_id = _hash({"teacher": teacher.key, "student": dataclasses.asdict(student), "method": v.method,
                                 "hparams": v.hparams, "seed": seed, "recipe": dataclasses.asdict(student_recipe),
                                 "data": data.fingerprint, **origin})
-                runs.append(RunSpec(run_id, v, seed, origin))
-            groups = [runs] if bench.cohorts else [[r] for r in runs]
-            for group in groups:
-                cohorts.append(Cohort(cohort_id(group), teacher, student, seed, student_recipe, group))
+                by_teacher.setdefault((t_name, seed), []).append(RunSpec(run_id, v, seed, student, origin))
+    cohorts: list[Cohort] = []
+    for (t_name, seed), runs in by_teacher.items():
+        groups = [runs] if bench.cohorts else [[r] for r in runs]
+        for group in groups:
+            cohorts.append(Cohort(cohort_id(group), teachers[t_name], seed, student_recipe, group))
     return Plan(bench, data, list(teachers.values()), cohorts, variants, pairs)
 
 

@@ -90,9 +90,10 @@ def validate(plan: Plan, registry: Registry, train_labels: torch.Tensor | None =
         return "the CE baseline (always in the plan)" if v.path == "baseline" else f"{v.path} ({v.label})"
 
     for t_name, s_name in plan.pairs:
-        cohort = next(c for c in plan.cohorts if c.teacher.model == t_name and c.student.model == s_name)
+        cohort = next(c for c in plan.cohorts if c.teacher.model == t_name and any(r.student.model == s_name for r in c.runs))
+        spec = next(r.student for r in cohort.runs if r.student.model == s_name)
         teacher = nets[t_name]
-        student = net(s_name, cohort.student.options, "students")
+        student = net(s_name, spec.options, "students")
         sizes = train_batch_sizes(n_train, cohort.recipe.batch_size)
         if s_name not in flops:
             with FlopCounterMode(display=False) as counter, torch.no_grad():
@@ -131,7 +132,7 @@ def validate(plan: Plan, registry: Registry, train_labels: torch.Tensor | None =
     if plan.unsupported:  # those runs leave the plan; a cohort left empty goes too
         gone = {(u["teacher"], u["student"], u["column"]) for u in plan.unsupported}
         for c in plan.cohorts:
-            kept = [r for r in c.runs if (c.teacher.model, c.student.model, r.variant.label) not in gone]
+            kept = [r for r in c.runs if (c.teacher.model, r.student.model, r.variant.label) not in gone]
             if len(kept) != len(c.runs):
                 c.runs, c.cohort_id = kept, cohort_id(kept)
         plan.cohorts = [c for c in plan.cohorts if c.runs]

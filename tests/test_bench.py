@@ -76,7 +76,10 @@ def test_plan_expansion_sweeps_and_baseline():
     assert [v.label for v in plan.variants] == ["ce", "fitnets", "kd(T=2, w_kd=0.9)", "kd(T=4, w_kd=0.9)",
                                                 "kd(T=8, w_kd=0.9)"]
     assert plan.variants[2].hparams == {"T": 2, "w_kd": 0.9}
-    assert len(plan.cohorts) == 2 * 2 and all(len(c.runs) == 5 for c in plan.cohorts)
+    # one cohort per (teacher, seed), across both students: the teacher runs once per batch for all ten runs
+    assert len(plan.cohorts) == 2 and all(len(c.runs) == 2 * 5 for c in plan.cohorts)
+    assert [s.model for s in plan.cohorts[0].students] == ["wrn_16_1", "resnet20"]
+    assert len({plan.cohorts[0].member_label(r) for r in plan.cohorts[0].runs}) == 10
     assert len({r.run_id for r in plan.runs}) == 20
     assert plan.pairs == [("resnet20", "wrn_16_1"), ("resnet20", "resnet20")]
     solo = plan_of({**TINY, "cohorts": False})

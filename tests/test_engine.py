@@ -99,6 +99,34 @@ def test_cohort_member_equals_solo_bit_for_bit(registry, tiny_data):
         assert timing_free(together["history"]) == timing_free(alone["history"]), name
 
 
+def test_a_cohort_of_several_students_equals_the_solo_runs_with_one_teacher_pass(registry, tiny_data):
+    """Students of one teacher share a cohort: the teacher runs once per batch, each run equals its solo run."""
+    teacher = _teacher(registry)
+    cells = [("wrn_16_1", "kd"), ("resnet8", "kd"), ("resnet8", "attention"), ("wrn_16_1", "ce")]
+    recipe = Recipe(epochs=1, batch_size=64, lr=0.05, eval_batch_size=500)
+    members = [_member(registry, f"{s}/{m}", s, m, 7, teacher) for s, m in cells]
+    trainer = Trainer(members, tiny_data, recipe, teacher=teacher, seed=7)
+    passes, training = [], []  # teacher forwards while training (evaluation predicts with it too)
+    hook = teacher.register_forward_hook(lambda *_: passes.append(1) if training else None)
+    shared = trainer._teacher_outputs
+
+    def counted(*args):
+        training.append(1)
+        try:
+            return shared(*args)
+        finally:
+            training.pop()
+
+    trainer._teacher_outputs = counted
+    together = trainer.fit()
+    hook.remove()
+    assert len(passes) == trainer.steps_per_epoch  # one per batch, not one per student
+    for (s, m), result in zip(cells, together):
+        alone = Trainer([_member(registry, m, s, m, 7, teacher)], tiny_data, recipe, teacher=teacher, seed=7).fit()[0]
+        assert result["status"] == alone["status"] == "ok"
+        assert timing_free(result["history"]) == timing_free(alone["history"]), (s, m)
+
+
 def test_cohort_equals_solo_with_dropout(registry, tiny_data):
     """Dropout draws random numbers: each member keeps its own RNG stream, so cohort == solo still."""
     recipe = Recipe(epochs=1, batch_size=64, lr=0.05, eval_batch_size=500)

@@ -53,7 +53,7 @@ def test_an_unsupported_pair_leaves_the_plan_and_the_rest_stays():
     assert [(u["teacher"], u["student"], u["column"]) for u in plan.unsupported] == [
         ("resnet20", "resnet8x4", "samewidths")]
     assert "teacher (16, 32, 64), student (64, 128, 256)" in plan.unsupported[0]["reason"]
-    cells = {(c.student.model, r.variant.label) for c in plan.cohorts for r in c.runs}
+    cells = {(r.student.model, r.variant.label) for c in plan.cohorts for r in c.runs}
     assert cells == {("resnet14", "ce"), ("resnet14", "kd"), ("resnet14", "samewidths"),
                      ("resnet8x4", "ce"), ("resnet8x4", "kd")}
 
@@ -69,7 +69,7 @@ def test_the_report_shows_n_a_with_the_reason(tmp_path):
     for c in plan.cohorts:
         for r in c.runs:
             records.append(RunRecord(run_id=r.run_id, cohort_id=c.cohort_id, teacher=TeacherRef(model="resnet20", key=teacher.key),
-                                     model=c.student.model, method=r.variant.method, variant=r.variant.label,
+                                     model=r.student.model, method=r.variant.method, variant=r.variant.label,
                                      seed=0, status="ok", last=Scores(top1=50.0), best=BestEpoch(top1=50.0, epoch=1)))
     summary = summarize(records, bench)
     statuses = {(row.student, c.variant): c.status for row in summary.rows for c in row.cells}
