@@ -1,4 +1,5 @@
-"""A dataset's images as uint8 tensors on the training device, with batched augmentation and seeded batch order.
+"""A dataset's images as uint8 tensors on the training device (or in host memory when they do not fit
+there), with batched augmentation and seeded batch order.
 
 Datasets are plugins (:mod:`kdzoo.datasets`): one loads and verifies its splits as
 :class:`~kdzoo.datasets.Arrays`; ``prepare_data`` draws the stratified subsets and puts them on the
@@ -19,6 +20,11 @@ augmentation of an epoch are a pure function of ``(seed, epoch)``:
 
 Two runs, or two ``Data`` objects holding the same data, with the same seed therefore see
 identical batches, whatever the device.
+
+**Placement.** Images that would take more than :data:`DEVICE_FRACTION` of a GPU's free memory stay in
+host memory and each batch's uint8 images move to the GPU before augmentation; labels, draws
+and arithmetic stay on the GPU, so the batches are the same as with the images on the device
+(``prepare_data(placement="auto" | "device" | "host")``).
 """
 from __future__ import annotations
 
@@ -37,6 +43,8 @@ from kdzoo import KDZooError
 from kdzoo.datasets import Arrays
 
 PAD = 4  # the default random-crop padding, as in every CIFAR anchor
+DEVICE_FRACTION = 0.5  # images go to a GPU when they take at most this share of its free memory
+PLACEMENTS = ("auto", "device", "host")
 
 _SEED_STRIDE = 1_000_003
 
@@ -181,24 +189,42 @@ def _subset_indices(raw: Arrays, train_size: int | None, test_size: int | None, 
     return train_idx, val_idx, test_idx
 
 
+def choose_placement(nbytes: int, device: torch.device, placement: str = "auto") -> torch.device:
+    """Where ``nbytes`` of images live for training on ``device``: ``device`` itself, or host memory (the CPU)
+    when ``placement`` is "host", or "auto" on a GPU whose free memory is less than ``nbytes / DEVICE_FRACTION``."""
+    if placement not in PLACEMENTS:
+        raise KDZooError(f"data placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}.")
+    if device.type != "cuda" or placement == "device":
+        return device
+    if placement == "host":
+        return torch.device("cpu")
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if nbytes <= DEVICE_FRACTION * free else torch.device("cpu")
+
+
 def prepare_data(raw: Arrays, train_size: int | None = None, test_size: int | None = None, val_size: int = 0,
-                 subset_seed: int = 0, device: str | torch.device = "cpu") -> Data:
+                 subset_seed: int = 0, device: str | torch.device = "cpu", placement: str = "auto") -> Data:
     """Put the chosen subsets of a dataset's verified splits on ``device`` as a :class:`Data`.
 
     ``train_size``/``test_size`` (None = full) pick stratified subsets seeded by ``subset_seed``:
     equal counts per class, the remainder going one each to the first classes. ``val_size``
     images are carved, stratified, out of the training set first; the train subset is drawn
     from the rest, so the two are disjoint, and the validation split does not depend on
-    ``train_size``. Selected images keep the official order.
+    ``train_size``. Selected images keep the official order. ``placement`` says where the images live
+    (:func:`choose_placement`); labels are always on ``device``.
     """
     train_idx, val_idx, test_idx = _subset_indices(raw, train_size, test_size, val_size, subset_seed)
     dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    per_image = int(np.prod(raw.images_nchw("test").shape[1:]))
+    store = choose_placement(per_image * (len(train_idx) + len(val_idx) + len(test_idx)), dev, placement)
 
     def take(split: str, idx: np.ndarray) -> tuple[Tensor, Tensor]:
         x = raw.images_nchw(split)
         y = torch.from_numpy(np.asarray(raw.y_train if split == "train" else raw.y_test))
         i = torch.from_numpy(idx)
-        return x.index_select(0, i).to(dev), y.index_select(0, i).to(dev)
+        return x.index_select(0, i).to(store), y.index_select(0, i).to(dev)
 
     h = hashlib.sha256(f"kdzoo-{raw.dataset}-v1".encode())
     for name in ("x_train", "y_train", "x_test", "y_test"):
@@ -212,7 +238,7 @@ def prepare_data(raw: Arrays, train_size: int | None = None, test_size: int | No
     test_x, test_y = take("test", test_idx)
     data = Data(train_x, train_y, test_x, test_y, val_x=val_x, val_y=val_y, class_names=raw.class_names,
                 fingerprint=h.hexdigest(), mean=raw.mean, std=raw.std, pad=raw.pad, flip=raw.flip,
-                dataset=raw.dataset)
+                dataset=raw.dataset, device=dev)
     data.train_indices = torch.from_numpy(train_idx)
     data.val_indices = torch.from_numpy(val_idx)
     data.test_indices = torch.from_numpy(test_idx)
@@ -237,7 +263,11 @@ class DataShape:
 
 
 class Data:
-    """Images as contiguous uint8 NCHW tensors and int64 labels, all on one device.
+    """Images as contiguous uint8 NCHW tensors and int64 labels; batches come out on ``device``.
+
+    The labels live on ``device`` (the training device, default: the images' device); the images on
+    ``device`` too, or in host memory, from where each batch moves to ``device`` (see the module
+    docstring). Either way the batches are the same.
 
     ``train_indices``/``val_indices``/``test_indices`` (CPU int64) are the positions in the
     dataset's official splits when built by ``prepare_data`` (val indices refer to the official
@@ -250,8 +280,10 @@ class Data:
                  val_x: Tensor | None = None, val_y: Tensor | None = None,
                  class_names: tuple[str, ...] | None = None, fingerprint: str | None = None,
                  mean: tuple[float, ...] = (0.5, 0.5, 0.5), std: tuple[float, ...] = (0.25, 0.25, 0.25),
-                 pad: int = PAD, flip: bool = True, dataset: str = "tensors") -> None:
-        device = train_x.device
+                 pad: int = PAD, flip: bool = True, dataset: str = "tensors",
+                 device: str | torch.device | None = None) -> None:
+        device = torch.device(device) if device is not None else train_x.device
+        host = train_x.device
         if val_x is None:
             val_x = train_x.new_zeros((0, *train_x.shape[1:]))
             val_y = train_y.new_zeros((0,))
@@ -260,8 +292,11 @@ class Data:
                 raise ValueError(f"{name}_x must be uint8 (N, 3, H, W), got {x.dtype} {tuple(x.shape)}")
             if y is None or y.dtype != torch.int64 or y.shape != (x.shape[0],):
                 raise ValueError(f"{name}_y must be int64 of shape ({x.shape[0]},)")
-            if x.device != device or y.device != device:
-                raise ValueError("all tensors must be on one device")
+            if x.device != host or y.device != device:
+                raise ValueError(f"images must all be on one device ({host}) and labels on the training device ({device})")
+        if host != device and host.type != "cpu":
+            raise ValueError(f"images are on {host}: they live on the training device ({device}) or in host memory")
+        self._device = device
         self.train_x, self.train_y = train_x.contiguous(), train_y
         self.val_x, self.val_y = val_x.contiguous(), val_y
         self.test_x, self.test_y = test_x.contiguous(), test_y
@@ -290,7 +325,13 @@ class Data:
 
     @property
     def device(self) -> torch.device:
-        return self.train_x.device
+        """The training device: where batches, labels and indices are."""
+        return self._device
+
+    @property
+    def on_host(self) -> bool:
+        """True when the images stay in host memory and each batch moves to :attr:`device`."""
+        return self.train_x.device != self._device
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -301,8 +342,9 @@ class Data:
                          self.class_names)
 
     def __repr__(self) -> str:
+        where = f"device={self.device}" + (", images in host memory" if self.on_host else "")
         return (f"Data({self.dataset}, train={len(self.train_x)}, val={len(self.val_x)}, test={len(self.test_x)}, "
-                f"device={self.device}, fingerprint={self.fingerprint[:12]})")
+                f"{where}, fingerprint={self.fingerprint[:12]})")
 
     def steps_per_epoch(self, batch_size: int, drop_last: bool = True) -> int:
         """Number of batches ``train_batches`` yields per epoch."""
@@ -349,6 +391,7 @@ class Data:
         steps = self.steps_per_epoch(batch_size, drop_last)
         perm, offsets, flips = self.epoch_plan(seed, epoch, flip)
         dev = self.device
+        host_perm = perm  # the images' own device (CPU) gathers with it when they stay in host memory
         perm, offsets, flips = perm.to(dev), offsets.to(dev), flips.to(dev)
         n, _, h, w = self.train_x.shape
         rows_ar = torch.arange(h, device=dev)
@@ -357,7 +400,10 @@ class Data:
         for step in range(steps):
             sl = slice(step * batch_size, min((step + 1) * batch_size, n))
             idx = perm[sl]
-            x = self.train_x.index_select(0, idx)
+            if self.on_host:
+                x = self.train_x.index_select(0, host_perm[sl]).to(dev)
+            else:
+                x = self.train_x.index_select(0, idx)
             if augment:
                 b = len(idx)
                 pad = self.pad
@@ -381,7 +427,7 @@ class Data:
         if split == "val" and len(x) == 0:
             raise KDZooError("There is no validation split: set val_size (e.g. val_size=5000) to hold one out.")
         for start in range(0, len(x), batch_size):
-            yield self.normalize(x[start:start + batch_size]), y[start:start + batch_size]
+            yield self.normalize(x[start:start + batch_size].to(self.device)), y[start:start + batch_size]
 
 
-__all__ = ["Data", "DataShape", "prepare_data", "cached_load", "clear_cache", "train_set_size", "train_batch_sizes"]
+__all__ = ["Data", "DataShape", "prepare_data", "choose_placement", "cached_load", "clear_cache", "train_set_size", "train_batch_sizes"]

@@ -55,7 +55,8 @@ def _probe(registry: Registry, data: Data, runs: list[tuple[StudentSpec, Variant
     batches (the first one pays for warm-up)."""
     n = min(len(data.train_y), recipe.batch_size * steps)
     probe_data = Data(data.train_x[:n], data.train_y[:n], data.test_x[:2], data.test_y[:2],
-                      class_names=data.class_names, mean=data.mean, std=data.std, pad=data.pad, flip=data.flip)
+                      class_names=data.class_names, mean=data.mean, std=data.std, pad=data.pad, flip=data.flip,
+                      device=data.device)
     members = []
     for i, (spec, v) in enumerate(runs):
         student = build_student(registry, spec.model, spec.options, 0, data.num_classes, data.image_size)

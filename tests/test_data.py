@@ -528,3 +528,44 @@ def test_cifar10_batches_are_unchanged_by_the_move_into_a_plugin(cifar_path):
         h.update(y.numpy().tobytes())
     assert h.hexdigest() == "1488c1b07e064d514ae6f26eb2c057e85a307b30ff7de09ce077625333246003"
     assert prepare_data(cifar_path).fingerprint == "059d4725e54a848e0f189e4ddc8996f48ad21619bb30980e3aea98a01da7a710"
+
+
+# ---------------------------------------------------------------------------------------------
+# Placement: images in host memory, batches on the training device
+
+
+def test_placement_rule(monkeypatch):
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert kdata.choose_placement(10**12, cpu) == cpu  # on a CPU the host is the device
+    assert kdata.choose_placement(10, gpu, "host") == cpu
+    assert kdata.choose_placement(10**12, gpu, "device") == gpu
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000, 4000))
+    assert kdata.choose_placement(int(kdata.DEVICE_FRACTION * 1000), gpu) == gpu
+    assert kdata.choose_placement(int(kdata.DEVICE_FRACTION * 1000) + 1, gpu) == cpu
+    with pytest.raises(KDZooError, match="auto, device, host"):
+        kdata.choose_placement(10, gpu, "gpu")
+
+
+def test_the_host_memory_path_gives_the_same_batches(small, monkeypatch):
+    """The host path gathers each batch's images with the CPU permutation and moves them; on a CPU the
+    move is a no-op, so forcing the path here checks its indexing against the on-device path."""
+    ref = [(x.clone(), y.clone(), i.clone()) for x, y, i in small.train_batches(3, 1, 64, with_indices=True)]
+    evals = [(x.clone(), y.clone()) for x, y in small.eval_batches("test", 64)]
+    monkeypatch.setattr(Data, "on_host", property(lambda self: True))
+    host = list(small.train_batches(3, 1, 64, with_indices=True))
+    assert len(host) == len(ref) and all(
+        torch.equal(a, b) for r, h in zip(ref, host) for a, b in zip(r, h))
+    assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(evals, small.eval_batches("test", 64)))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_images_in_host_memory_give_the_device_batches(cifar_path):
+    on_gpu = prepare_data(cifar_path, train_size=600, test_size=100, device="cuda", placement="device")
+    on_host = prepare_data(cifar_path, train_size=600, test_size=100, device="cuda", placement="host")
+    assert on_host.on_host and not on_gpu.on_host and on_host.train_x.device.type == "cpu"
+    assert on_host.fingerprint == on_gpu.fingerprint
+    for (a, b), (c, d) in zip(on_gpu.train_batches(1, 2, 128), on_host.train_batches(1, 2, 128)):
+        assert c.device.type == "cuda" and torch.equal(a, c) and torch.equal(b, d)
+    for (a, b), (c, d) in zip(on_gpu.eval_batches("test", 64), on_host.eval_batches("test", 64)):
+        assert torch.equal(a, c) and torch.equal(b, d)

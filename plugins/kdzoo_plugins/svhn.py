@@ -9,8 +9,8 @@ Sources (``data.source``):
   ``extra: true``), never downloaded into.
 
 ``torchvision.datasets.SVHN`` reads each ``.mat`` file only after checking its published md5, so
-a corrupt or truncated file is an error. Reading ``.mat`` files needs scipy: ``pip install
-"kdzoo[svhn]"``. torchvision maps the files' label 10 (the digit 0) to 0, so label ``i`` is the
+a corrupt or truncated file is an error. Reading ``.mat`` files needs scipy (a core dependency of
+kdzoo). torchvision maps the files' label 10 (the digit 0) to 0, so label ``i`` is the
 digit ``i``.
 
 Option ``extra`` (default false): when true, the training split is ``train`` followed by the 531,131
