@@ -34,6 +34,7 @@ from kdzoo.data import Data
 from kdzoo.engine import Member, Progress, Trainer, count_params
 from kdzoo.estimate import estimate_seconds
 from kdzoo.models import KDNet
+from kdzoo.observers import ObservedProgress, ObserverSet, RunInfo, resolve_observers
 from kdzoo.plan import (BASELINE, Cohort, Plan, RunSpec, TeacherJob, Variant, cached_teacher, expand,
                         expand_variants, load_job_teacher, provenance, teacher_status)
 from kdzoo.plugins import NATIVE_FORMAT, Registry
@@ -175,10 +176,16 @@ def run_cohort(cohort: Cohort, teacher: TeacherRecord, ctx: Context) -> None:
                               train_labels=ctx.data.train_y)
         members.append(Member(cohort.member_label(run), student, method,
                               origin=ctx.registry.describe_origin(run.variant.method)))
+    observed = _observe(cohort, members, ctx)
     trainer = Trainer(members, ctx.data, cohort.recipe, teacher=teacher_net, seed=cohort.seed, device=ctx.device,
-                      progress=ctx.progress)
+                      progress=observed or ctx.progress)
     state_path = ctx.store.cohort_path(cohort.cohort_id)
-    results = _run_trainer(trainer, state_path, ctx.say)
+    try:
+        results = _run_trainer(trainer, state_path, ctx.say)
+    except BaseException as e:  # the observers learn that the runs stopped, then the error goes on
+        if observed is not None:
+            observed.end_all(e)
+        raise
     env = environment(ctx.device, precision=trainer.precision)
     for run, member, result in zip(cohort.runs, members, results):
         if ctx.store.has_run(run.run_id):
@@ -187,7 +194,33 @@ def run_cohort(cohort: Cohort, teacher: TeacherRecord, ctx: Context) -> None:
             **common, **identity[run.run_id], **_scores(result), hparams=result["hparams"],
             params=result["params"]["student"], method_params=result["params"]["method"],
             flops=ctx.plan.flops.get(run.student.model), data=data_info(ctx.data), environment=env))
+        if observed is not None and member.label in observed.runs:
+            observed.runs[member.label].artifact(ctx.store.run_path(run.run_id))
+            observed.runs[member.label].end(result)
     state_path.unlink(missing_ok=True)
+
+
+def _observe(cohort: Cohort, members: list[Member], ctx: Context) -> ObservedProgress | None:
+    """The benchmark's observers (``loggers:``, ``--log``), one set per unfinished run of the cohort; None
+    without any. A run's own folder is ``<results>/logs/<run_id>`` (TensorBoard writes there)."""
+    specs = resolve_observers(ctx.registry, ctx.plan.bench.loggers)
+    if not specs:
+        return None
+    bench = ctx.plan.bench
+    runs = {}
+    for run, member in zip(cohort.runs, members):
+        if ctx.store.has_run(run.run_id):
+            continue
+        info = RunInfo(
+            run_id=run.run_id, name=f"{run.variant.label} {cohort.teacher.model} → {run.student.model} s{cohort.seed}",
+            method=run.variant.method, hparams=dict(member.method.hparams), student=run.student.model,
+            teacher=cohort.teacher.model, seed=cohort.seed, folder=ctx.store.root / "logs" / run.run_id,
+            results_dir=ctx.store.root, experiment=bench.name, cohort_id=cohort.cohort_id,
+            config={"benchmark": bench.name, "variant": run.variant.label, "hparams_override": run.variant.hparams,
+                    "student_options": run.student.options, "recipe": dataclasses.asdict(cohort.recipe),
+                    "data": dataclasses.asdict(bench.data)})
+        runs[member.label] = ObserverSet(specs, info, report=lambda message: ctx.say("warning", f"warning: {message}"))
+    return ObservedProgress(ctx.progress, runs, members)
 
 
 def budget(plan: Plan, data: Data) -> str:

@@ -87,6 +87,13 @@ def _run_options(parser: argparse.ArgumentParser, distill: bool) -> None:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--out", metavar="DIR", help="output folder for checkpoint.pt and metrics.json")
+    _log_option(parser)
+
+
+def _log_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log", metavar="NAME", action="append", default=[],
+                        help="run observer (experiment tracker), e.g. tensorboard or mlflow; repeatable; added to "
+                             "`loggers:` of the config or benchmark file. `kdzoo plugins` lists them")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,10 +129,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--executor", choices=("local", "ray"), default="local",
                    help="local: one cohort after another here; ray: one Ray task per cohort (GPUs, clusters)")
     p.add_argument("--ray-address", metavar="ADDR", help="an existing Ray cluster (default: start a local one)")
+    _log_option(p)
     p = add("report", "re-render a benchmark's table from its results folder, without training")
     p.add_argument("dir", help="the --out folder of `kdzoo bench`")
     p.add_argument("--metric", choices=("last", "best"), default="last", help="accuracy shown in the table")
     p.add_argument("--no-export", action="store_true", help="do not (re)write report.md/.csv/.json")
+    p.add_argument("--html", action="store_true", help="also write report.html: the table, plots, failures, budget "
+                   "and environment in one offline page (needs matplotlib: pip install \"kdzoo[report]\")")
+    p = add("tune", "search methods' hyperparameters on a validation split (Optuna, pruned, resumable), then write "
+                    "a benchmark with the best settings as a METHOD(tuned) variant")
+    p.add_argument("file", help="tuning YAML, e.g. benchmarks/tune-kd-cifar10.yaml")
+    p.add_argument("--out", metavar="DIR", help="results folder with the Optuna study (study.db) and tuned.yaml "
+                   "(default: runs/tune/NAME); rerun to resume")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the file's, else auto)")
+    p.add_argument("--data", metavar="SOURCE", help="override the file's data source (auto, torchvision, or a .npz path)")
     p = add("new-plugin", "write a ready-to-install method package kdzoo-NAME (pyproject, skeleton, README, tests)")
     p.add_argument("name", help="method name: lowercase letters, digits, underscores (e.g. my_kd)")
     p.add_argument("--dir", default=".", help="parent folder of the new package (default: the current folder)")
@@ -177,7 +194,7 @@ def cmd_plugins(args: argparse.Namespace, registry: Registry) -> None:
         models += [f"{family} (listed on use: `kdzoo models`)" for family in p.model_families]
         provides = [f"{kind}: {text}" for kind, text in (
             ("methods", ", ".join(p.methods)), ("models", "; ".join(models)), ("datasets", ", ".join(p.datasets)),
-            ("checkpoint formats", ", ".join(p.checkpoint_formats)),
+            ("checkpoint formats", ", ".join(p.checkpoint_formats)), ("observers", ", ".join(p.observers)),
         ) if text]
         status = {"ok": "[green]ok[/]", "disabled": "[yellow]disabled[/]"}.get(p.status, f"[red]broken[/]: {p.error}")
         table.add_row(p.name, p.dist, p.version, status, escape("\n".join(provides)))
@@ -382,9 +399,13 @@ def cmd_run(args: argparse.Namespace, registry: Registry) -> None:
     from kdzoo.progress import RichProgress
     from kdzoo.runner import run_single
 
+    from kdzoo.observers import merge_loggers
+
     cfg = run_config(args, args.command)
+    cfg.loggers = merge_loggers(cfg.loggers, args.log)
     _warn_if_busy()
-    result = run_single(cfg, registry, RichProgress(err_console))
+    result = run_single(cfg, registry, RichProgress(err_console), report=lambda message: err_console.print(
+        f"[bold yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True))
     if result["status"] != "ok":
         raise KDZooError(f"The run failed: {result['error']} (metrics so far are in {cfg.out}/metrics.json)")
     last, best = result["last"], result["best"]
@@ -404,8 +425,12 @@ def cmd_bench(args: argparse.Namespace, registry: Registry) -> int:
     from kdzoo.progress import RichProgress
     from kdzoo.store import Store
 
+    from kdzoo.observers import merge_loggers, resolve_observers
+
     plan, data, device = bench.prepare(args.file, registry, device=args.device,
                                        cohorts=False if args.no_cohorts else None, data_source=args.data)
+    plan.bench.loggers = merge_loggers(plan.bench.loggers, args.log)  # observers are in no run id
+    resolve_observers(registry, plan.bench.loggers)  # a missing package or a bad option: now, before training
     out = Path(args.out or f"runs/bench/{plan.bench.name}")
     store = Store(out)
     teachers_todo = [t for t in plan.teachers if bench.teacher_status(t) == "train"]
@@ -451,21 +476,26 @@ def show_plan(plan: Plan, store: Store, scan: Scan) -> None:
                   "cached": f"cached ({t.dir})"}[teacher_status(t)]
         table.add_row(t.model, status)
     console.print(table)
-    table = Table(title="cohorts (runs trained together on identical batches)")
-    for col in ("teacher → student", "seed", "runs", "status"):
+    table = Table(title="cohorts (runs trained together on identical batches, one teacher pass per batch)")
+    for col in ("teacher → students", "seed", "runs", "status"):
         table.add_column(col)
     for c in plan.cohorts:
         done = sum(scan.done(r.run_id) for r in c.runs)
         status = "done" if done == len(c.runs) else (
             "resumable" if store.cohort_path(c.cohort_id).is_file() else "to train")
-        table.add_row(f"{c.teacher.model} → {c.student.model}", str(c.seed), ", ".join(r.variant.label for r in c.runs), status)
+        table.add_row(f"{c.teacher.model} → {', '.join(s.model for s in c.students)}", str(c.seed),
+                      ", ".join(c.member_label(r) for r in c.runs), status)
     console.print(table)
     for error in scan.damaged:
         err_console.print(f"[yellow]warning:[/] {escape(str(error))}; the run will be redone (the file is kept "
                           "aside under damaged/).", highlight=False)
 
 
-def report(store: Store, metric: str, export: bool) -> None:
+def report(store: Store, metric: str, export: bool, html: bool | None = None) -> None:
+    """Print the table; with ``export`` write report.md/csv/json. ``html``: True writes report.html (an error
+    without matplotlib, after the text exports), None writes it when matplotlib is installed (else one line
+    says how to get it: the end of ``kdzoo bench``), False never."""
+    from kdzoo import html_report
     from kdzoo import report as rep
 
     summary = rep.summarize(store.runs(), store.bench(), metric)
@@ -473,12 +503,19 @@ def report(store: Store, metric: str, export: bool) -> None:
     if export:
         paths = rep.export(summary, store.root)
         console.print(f"[dim]wrote {', '.join(str(p) for p in paths)}[/]")
+    if html is False:
+        return
+    if html is None and not html_report.available():
+        console.print('[dim]no report.html: its plots need matplotlib (pip install "kdzoo\\[report]")[/]')
+        return
+    path = html_report.write_html(store.root, metric)  # KDZooError naming the pip command without matplotlib
+    console.print(f"[dim]wrote {path}: open it in a browser (offline, self-contained)[/]")
 
 
 def cmd_report(args: argparse.Namespace, registry: Registry) -> None:
     from kdzoo.store import Store
 
-    report(Store(args.dir), args.metric, export=not args.no_export)
+    report(Store(args.dir), args.metric, export=not args.no_export, html=args.html)
 
 
 def cmd_new_plugin(args: argparse.Namespace, registry: Registry) -> None:
@@ -490,8 +527,35 @@ def cmd_new_plugin(args: argparse.Namespace, registry: Registry) -> None:
                   markup=False, highlight=False, soft_wrap=True)
 
 
+def cmd_tune(args: argparse.Namespace, registry: Registry) -> int:
+    from pathlib import Path
+
+    from kdzoo import tune, tune_run
+    from kdzoo.checkpoint import ensure_writable_dir
+    from kdzoo.progress import RichProgress
+
+    tune_run._optuna()  # the optional extra: a clear message before anything is loaded
+    setup = tune.prepare(args.file, registry, device=args.device, data_source=args.data)
+    out = ensure_writable_dir(Path(args.out or f"runs/tune/{setup.config.name}"), "results (--out)")
+    _warn_if_busy()
+    console.print(f"[bold]{setup.config.name}[/]: {', '.join(setup.spaces)} on {setup.plan.pairs[0][0]} → "
+                  f"{setup.plan.pairs[0][1]}, {setup.config.budget.trials} trials of {tune_run.epochs_per_trial(setup)} "
+                  f"epochs, scored on {len(setup.data.val_y):,} validation images; study in {out / 'study.db'}")
+    with RichProgress(err_console) as progress:
+        outcome = tune_run.search(setup, registry, out, progress, progress.say)
+    tune_run.render(outcome, setup, console)
+    if outcome.best is None:
+        return 1
+    path, note = tune_run.write_bench(outcome, setup, out / "tuned.yaml")
+    console.print(f"Wrote {path}{' (' + note + ')' if note else ''}. Measure it on the test set over seeds "
+                  f"{setup.config.bench_seeds}: kdzoo bench {path}", highlight=False, soft_wrap=True)
+    return 0
+
+
 COMMANDS = {"plugins": cmd_plugins, "methods": cmd_methods, "datasets": cmd_datasets, "models": cmd_models, "train": cmd_run, "distill": cmd_run,
             "bench": cmd_bench, "report": cmd_report, "new-plugin": cmd_new_plugin}
+
+COMMANDS["tune"] = cmd_tune
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -112,6 +112,8 @@ class RunConfig:
     out: str = "runs/latest"
     data: DataConfig = field(default_factory=DataConfig)
     recipe: Recipe = field(default_factory=Recipe)
+    # run observers (experiment trackers): names or {name: mlflow, <its options>}; never part of the result
+    loggers: list[Any] = field(default_factory=list)
 
 
 def _type_name(tp: Any) -> str:
@@ -280,6 +282,8 @@ class BenchConfig:
     recipe: Recipe = field(default_factory=Recipe)
     teacher_recipe: dict[str, Any] = field(default_factory=dict)  # overrides for teachers
     student_recipe: dict[str, Any] = field(default_factory=dict)  # overrides for students
-    cohorts: bool = True  # train runs that share (teacher, student, seed) together
+    cohorts: bool = True  # train runs that share (teacher, seed) together, across students
     device: str = "auto"
     reference: Reference | None = None
+    # run observers for every run (kdzoo.observers): names or {name: mlflow, <its options>}; not in run ids
+    loggers: list[Any] = field(default_factory=list)

@@ -75,3 +75,15 @@ def register_checkpoint_formats(register):
     ``folder`` (``$KDZOO_CACHE/pretrained/NAME``) when they are not there, and raises ``KDZooError``
     when there are none or they cannot be fetched (offline: say where to put the file by hand).
     """
+
+
+@hookspec
+def register_observers(register):
+    """Register run observers: experiment trackers that follow runs (TensorBoard, MLflow, W&B...).
+
+    ``register(observer_class, name=None)``: ``observer_class`` is a subclass of
+    :class:`kdzoo.observers.Observer`; ``name`` (what ``--log NAME`` and ``loggers:`` say) defaults to
+    ``observer_class.name``. Its ``Options`` dataclass declares its settings. Keep the module light:
+    import the tracker's package inside the observer's methods (``check`` at validation, ``start``), never
+    at the top, and say its pip command in the ``KDZooError`` that ``check`` raises when it is missing.
+    """

@@ -16,6 +16,8 @@ and tools can load different plugin sets side by side.
   A plugin is matched by entry-point name or distribution name.
 * Checkpoint formats (``register_checkpoint_formats``) are collected like methods: a name that two plugins
   register breaks the later plugin, and ``kdzoo`` (kdzoo's own format) cannot be registered.
+* Run observers (``register_observers``: experiment trackers, :mod:`kdzoo.observers`) are collected like
+  methods too; a run chooses them by name (``--log NAME``, ``loggers:``).
 * Model names registered with ``register.family(...)`` are listed only when a model is first
   looked up or listed (``Registry.models``), so commands that need only methods never import
   timm; a family name that another plugin also registers is reported when it is used.
@@ -24,6 +26,7 @@ and tools can load different plugin sets side by side.
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import os
 from dataclasses import dataclass, field
@@ -40,6 +43,7 @@ if TYPE_CHECKING:  # torch is imported by load_plugins(), never by importing thi
 
     from kdzoo.datasets import Dataset
     from kdzoo.methods import Method
+    from kdzoo.observers import Observer
 
 ModelFactory = Callable[..., "nn.Module"]
 
@@ -61,6 +65,7 @@ class PluginInfo:
     models: list[str] = field(default_factory=list)  # names registered with register(name, factory)
     datasets: list[str] = field(default_factory=list)
     checkpoint_formats: list[str] = field(default_factory=list)
+    observers: list[str] = field(default_factory=list)  # run observers (experiment trackers)
     model_families: list[str] = field(default_factory=list)  # descriptions of register.family(...) families
     error: str | None = None
     disabled: bool = False
@@ -246,6 +251,8 @@ class Registry:
     dataset_owner: dict[str, str] = field(default_factory=dict)  # dataset name -> plugin name
     checkpoint_formats: dict[str, CheckpointFormat] = field(default_factory=dict)  # foreign teacher formats
     checkpoint_format_owner: dict[str, str] = field(default_factory=dict)  # format name -> plugin name
+    observers: dict[str, type[Observer]] = field(default_factory=dict)  # run observers (`--log NAME`)
+    observer_owner: dict[str, str] = field(default_factory=dict)  # observer name -> plugin name
     warnings: list[str] = field(default_factory=list)  # e.g. an unknown name in -p no:NAME; the CLI prints them
     strict: bool = False  # a model family that cannot be listed raises instead of being left out
 
@@ -282,6 +289,20 @@ class Registry:
                 f"({NATIVE_FORMAT}: a checkpoint written by `kdzoo train`; the others read teachers trained by "
                 f"other code bases and come from plugins).{note}")
         return self.checkpoint_formats[name]
+
+    def observer(self, name: str) -> type[Observer]:
+        """The observer class registered as ``name``; ``KDZooError`` with close matches otherwise."""
+        if name not in self.observers:
+            off = [p for p in self.plugins if p.disabled or p.error]
+            # kdzoo's own observer plugins are called NAME_observer (tensorboard_observer provides tensorboard)
+            same = next((p for p in off if p.name in (name, f"{name}_observer")), None)
+            why = (f" It is provided by plugin '{same.name}' ({same.dist} {same.version}), which is "
+                   f"{same.why_unavailable()}." if same is not None else "")
+            raise KDZooError(
+                f"Unknown observer '{name}' (--log, loggers:).{suggest(name, self.observers)}{why} Available "
+                f"observers: {', '.join(sorted(self.observers)) or '(none)'} (`kdzoo plugins` lists them; a package "
+                "adds more through the register_observers hook).")
+        return self.observers[name]
 
     def method(self, name: str) -> type[Method]:
         """The method class registered as ``name``; ``KDZooError`` with close matches otherwise."""
@@ -483,10 +504,12 @@ def _collect(pm: pluggy.PluginManager, name: str, info: PluginInfo, registry: Re
     from kdzoo.methods import Method  # imported by load_plugins already
 
     from kdzoo.datasets import Dataset
+    from kdzoo.observers import Observer
 
     methods: dict[str, type[Method]] = {}
     datasets: dict[str, type[Dataset]] = {}
     formats: dict[str, CheckpointFormat] = {}
+    observers: dict[str, type[Observer]] = {}
     models = _ModelRegister(name)
 
     def class_register(kind: str, base: type, table: dict[str, type]) -> Callable[..., None]:
@@ -504,6 +527,12 @@ def _collect(pm: pluggy.PluginManager, name: str, info: PluginInfo, registry: Re
 
     register_method = class_register("method", Method, methods)
     register_dataset = class_register("dataset", Dataset, datasets)
+    register_class_observer = class_register("observer", Observer, observers)
+
+    def register_observer(cls: type, name: str | None = None) -> None:
+        if isinstance(cls, type) and issubclass(cls, Observer) and not dataclasses.is_dataclass(cls.Options):
+            raise TypeError(f"{cls.__name__}.Options must be a dataclass (its fields are the observer's options)")
+        register_class_observer(cls, name)
 
     owner = name  # the plugin's name: register_format's own `name` parameter shadows it
 
@@ -525,7 +554,8 @@ def _collect(pm: pluggy.PluginManager, name: str, info: PluginInfo, registry: Re
     try:
         for hook, callback in (("register_methods", register_method), ("register_models", models),
                                ("register_datasets", register_dataset),
-                               ("register_checkpoint_formats", register_format)):
+                               ("register_checkpoint_formats", register_format),
+                               ("register_observers", register_observer)):
             for impl in getattr(pm.hook, hook).get_hookimpls():
                 if impl.plugin is plugin:
                     impl.function(register=callback)
@@ -535,6 +565,7 @@ def _collect(pm: pluggy.PluginManager, name: str, info: PluginInfo, registry: Re
         clashes += [("dataset", n, registry.dataset_owner[n]) for n in sorted(datasets) if n in registry.datasets]
         clashes += [("checkpoint format", n, registry.checkpoint_format_owner[n]) for n in sorted(formats)
                     if n in registry.checkpoint_formats]
+        clashes += [("observer", n, registry.observer_owner[n]) for n in sorted(observers) if n in registry.observers]
         if clashes:
             kind, clash, other = clashes[0]
             raise KDZooError(
@@ -556,6 +587,9 @@ def _collect(pm: pluggy.PluginManager, name: str, info: PluginInfo, registry: Re
     registry.checkpoint_formats.update(formats)
     registry.checkpoint_format_owner.update({k: name for k in formats})
     info.checkpoint_formats = sorted(formats)
+    registry.observers.update(observers)
+    registry.observer_owner.update({k: name for k in observers})
+    info.observers = sorted(observers)
     registry.models.add(name, models.factories, models.families)
     info.methods = sorted(methods)
     info.models = sorted(models.factories)

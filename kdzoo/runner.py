@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import platform
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import yaml
@@ -20,6 +20,7 @@ from kdzoo.datasets import Arrays
 from kdzoo.engine import Member, Progress, Trainer, preflight, resolve_device
 from kdzoo.methods import Method
 from kdzoo.models import KDNet, NetInfo
+from kdzoo.observers import ObservedProgress, ObserverSet, RunInfo, resolve_observers
 from kdzoo.plugins import NATIVE_FORMAT, Registry
 from kdzoo.store import write_json
 from kdzoo.teachers import load_teacher, pretrained_teacher
@@ -118,9 +119,14 @@ def save_run_checkpoint(path: str | Path, model: str, options: dict[str, Any], s
     })
 
 
-def run_single(cfg: RunConfig, registry: Registry, progress: Progress | None = None) -> dict[str, Any]:
-    """Train (method ``ce``, no teacher) or distil one student; write checkpoint + metrics under ``cfg.out``."""
+def run_single(cfg: RunConfig, registry: Registry, progress: Progress | None = None,
+               report: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train (method ``ce``, no teacher) or distil one student; write checkpoint + metrics under ``cfg.out``.
+
+    The observers of ``cfg.loggers`` (:mod:`kdzoo.observers`) are checked before anything is loaded, then
+    follow the run; one that fails is reported through ``report`` (default: a Python warning) and dropped."""
     cfg.recipe.validate()
+    specs = resolve_observers(registry, cfg.loggers)
     out = ensure_writable_dir(cfg.out, "--out")
     device = resolve_device(cfg.device)
     method_cls = registry.method(cfg.method)
@@ -155,21 +161,40 @@ def run_single(cfg: RunConfig, registry: Registry, progress: Progress | None = N
               input_size=arrays.image_size)
     member = Member(label=f"{cfg.model}/{cfg.method}", student=student, method=method,
                     origin=registry.describe_origin(cfg.method))
-    trainer = Trainer([member], data, cfg.recipe, teacher=teacher, seed=cfg.seed, device=device, progress=progress)
-    (result,) = trainer.fit()
-
-    result.update(
-        model=cfg.model,
-        teacher=({"checkpoint": str(teacher_path), "model": teacher_meta["model"], "top1": teacher_meta["meta"].get("top1"),
-                  **({"format": teacher_format} if teacher_format != NATIVE_FORMAT else {})}
-                 if teacher_meta else None),
-        data=data_info(data),
-        config=dataclasses.asdict(cfg),
-        environment=environment(device, precision=trainer.precision),
-    )
-    if result["status"] == "ok":
-        save_run_checkpoint(out / "checkpoint.pt", cfg.model, cfg.model_options, student, method, result, data, cfg.seed)
-    write_json(out / "metrics.json", result)
-    atomic_write(out / "config.yaml", lambda tmp: Path(tmp).write_text(yaml.safe_dump(result["config"], sort_keys=False)))
+    observed = ObservedProgress(progress, {member.label: ObserverSet(specs, RunInfo(
+        run_id=out.resolve().name, name=out.resolve().name, method=cfg.method, hparams=dict(method.hparams),
+        student=cfg.model, teacher=teacher_meta["model"] if teacher_meta else None, seed=cfg.seed, folder=out,
+        results_dir=out.resolve().parent, config=dataclasses.asdict(cfg)), report)}) if specs else None
+    trainer = Trainer([member], data, cfg.recipe, teacher=teacher, seed=cfg.seed, device=device,
+                      progress=observed or progress)
+    try:
+        (result,) = trainer.fit()
+        result.update(
+            model=cfg.model,
+            teacher=({"checkpoint": str(teacher_path), "model": teacher_meta["model"],
+                      "top1": teacher_meta["meta"].get("top1"),
+                      **({"format": teacher_format} if teacher_format != NATIVE_FORMAT else {})}
+                     if teacher_meta else None),
+            data=data_info(data),
+            config=dataclasses.asdict(cfg),
+            environment=environment(device, precision=trainer.precision),
+        )
+        written = [out / "metrics.json", out / "config.yaml"]
+        if result["status"] == "ok":
+            save_run_checkpoint(out / "checkpoint.pt", cfg.model, cfg.model_options, student, method, result, data,
+                                cfg.seed)
+            written.insert(0, out / "checkpoint.pt")
+        write_json(out / "metrics.json", result)
+        atomic_write(out / "config.yaml",
+                     lambda tmp: Path(tmp).write_text(yaml.safe_dump(result["config"], sort_keys=False)))
+    except BaseException as e:  # the observers learn that the run stopped, then the error goes on
+        if observed is not None:
+            observed.end_all(e)
+        raise
+    if observed is not None:
+        (observers,) = observed.runs.values()
+        for path in written:
+            observers.artifact(path)
+        observers.end(result)
     return result
 

@@ -37,7 +37,8 @@ def hookspec_functions() -> dict[str, object]:
 
 def test_every_hookspec_is_documented_with_its_exact_signature():
     specs = hookspec_functions()
-    assert set(specs) == {"register_methods", "register_models", "register_datasets", "register_checkpoint_formats"}
+    assert set(specs) == {"register_methods", "register_models", "register_datasets", "register_checkpoint_formats",
+                          "register_observers"}
     reference = TEXT.split("\n## Hook reference\n")[1].split("\n## ")[0]
     documented = dict(re.findall(r"^### `(\w+)(\(.*\))`$", reference, re.M))
     assert set(documented) == set(specs), "document every hookspec under a '### `name(args)`' heading, and only those"

@@ -16,7 +16,7 @@ from kdzoo.plugins import load_plugins
 
 FIRST_PARTY = {"kd", "fitnets", "attention", "rkd", "sp", "cc", "vid", "pkt", "nst", "ab", "ft", "fsp", "kdsvd",
                "crd", "ofd", "reviewkd", "dkd", "dist", "ctkd", "timm", "cifar10", "cifar100", "svhn", "folder",
-               "foreign_checkpoints"}
+               "foreign_checkpoints", "tensorboard_observer", "mlflow_observer"}
 
 
 def make_dist(root, dist: str, version: str, modules: dict[str, str], eps: dict[str, str]) -> None:
