@@ -396,10 +396,9 @@ def _warn_if_busy() -> None:
 
 
 def cmd_run(args: argparse.Namespace, registry: Registry) -> None:
+    from kdzoo.observers import merge_loggers
     from kdzoo.progress import RichProgress
     from kdzoo.runner import run_single
-
-    from kdzoo.observers import merge_loggers
 
     cfg = run_config(args, args.command)
     cfg.loggers = merge_loggers(cfg.loggers, args.log)
@@ -413,6 +412,8 @@ def cmd_run(args: argparse.Namespace, registry: Registry) -> None:
         f"[bold]{result['label']}[/]: last-epoch top-1 {last['top1']:.2f}%, best {best['top1']:.2f}% "
         f"(epoch {best['epoch']}), top-5 {last['top5']:.2f}%, macro F1 {last['f1']:.2f}%"
         + (f", teacher agreement {last['agreement']:.2f}%" if "agreement" in last else "")
+        + (f"; teacher top-1 {result['teacher']['top1_measured']:.2f}% on the same test images"
+           if result.get("teacher") and result["teacher"].get("top1_measured") is not None else "")
         + f". Wrote {cfg.out}/checkpoint.pt and metrics.json."
     )
 
@@ -422,10 +423,9 @@ def cmd_bench(args: argparse.Namespace, registry: Registry) -> int:
 
     from kdzoo import bench
     from kdzoo.checkpoint import ensure_writable_dir
+    from kdzoo.observers import merge_loggers, resolve_observers
     from kdzoo.progress import RichProgress
     from kdzoo.store import Store
-
-    from kdzoo.observers import merge_loggers, resolve_observers
 
     plan, data, device = bench.prepare(args.file, registry, device=args.device,
                                        cohorts=False if args.no_cohorts else None, data_source=args.data)

@@ -34,6 +34,7 @@ class DataConfig:
     test_size: int | None = None  # None = all 10,000
     val_size: int = 0  # held out of the training set, stratified
     subset_seed: int = 0
+    placement: str = "auto"  # where the images live on a GPU run: "auto", "device" or "host" (kdzoo.data)
 
 
 @dataclass

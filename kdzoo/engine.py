@@ -404,6 +404,15 @@ class Trainer:
             results[split] = classification_metrics(self.predict(member.student, split), labels, self._teacher_pred.get(split))
         return results
 
+    def teacher_top1(self, split: str = "test") -> float | None:
+        """The teacher's top-1 (%) on ``split`` of this trainer's data (None without a teacher); computed once."""
+        if self.teacher is None:
+            return None
+        if split not in self._teacher_pred:
+            self._teacher_pred[split] = self.predict(self.teacher, split).argmax(1)
+        labels = self.data.test_y if split == "test" else self.data.val_y
+        return 100.0 * (self._teacher_pred[split] == labels).float().mean().item()
+
     # -- training -----------------------------------------------------------------------------
     def stage(self, m: Member, epoch: int) -> tuple[str, int] | None:
         """``("init", e)`` or ``("main", e)`` (``e`` 0-based within the stage) for global ``epoch``; None once done."""

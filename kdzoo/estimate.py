@@ -8,7 +8,6 @@ writes nothing, touches neither the store nor the teacher cache, and imports onl
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import torch
 

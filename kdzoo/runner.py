@@ -97,7 +97,8 @@ def load_arrays(registry: Registry, d: DataConfig) -> Arrays:
 def load_data(registry: Registry, d: DataConfig, device: torch.device, arrays: Arrays | None = None) -> Data:
     """The subsets a data config describes, on ``device`` (``arrays``: already loaded with ``load_arrays``)."""
     arrays = arrays if arrays is not None else load_arrays(registry, d)
-    return prepare_data(arrays, d.train_size, d.test_size, d.val_size, d.subset_seed, device=device)
+    return prepare_data(arrays, d.train_size, d.test_size, d.val_size, d.subset_seed, device=device,
+                        placement=d.placement)
 
 
 def data_info(data: Data) -> dict[str, Any]:
@@ -172,7 +173,8 @@ def run_single(cfg: RunConfig, registry: Registry, progress: Progress | None = N
         result.update(
             model=cfg.model,
             teacher=({"checkpoint": str(teacher_path), "model": teacher_meta["model"],
-                      "top1": teacher_meta["meta"].get("top1"),
+                      "top1": teacher_meta["meta"].get("top1"),  # as its checkpoint records it (None if foreign)
+                      "top1_measured": trainer.teacher_top1("test"),  # on this run's test split
                       **({"format": teacher_format} if teacher_format != NATIVE_FORMAT else {})}
                      if teacher_meta else None),
             data=data_info(data),

@@ -29,12 +29,13 @@ from kdzoo import bench as B
 from kdzoo.checkpoint import save_checkpoint
 from kdzoo.cli import main
 from kdzoo.config import BenchConfig, parse
-from kdzoo.data import DataShape
+from kdzoo.data import DataShape, prepare_data
 from kdzoo.datasets import Arrays, Dataset, verified
 from kdzoo.plugins import load_plugins
 from kdzoo.teachers import load_teacher, pretrained_teacher
 from kdzoo.store import Store
 from kdzoo_plugins import foreign_checkpoints
+from kdzoo_plugins.cifar10 import load_cifar10
 from test_models import (_RD_VGG_CFG, _RDMobileNetV2, _RDResNet, _RDResNetV2, _RDShuffleV1, _RDShuffleV2, _RDVGG,
                          _randomise_norms)
 
@@ -696,6 +697,13 @@ def test_kdzoo_distill_from_a_repdistiller_teacher_on_real_cifar10(cifar_path, p
     torch.testing.assert_close(teacher(x_test).logits, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
     accuracy = (want.argmax(1) == torch.from_numpy(arrays["y_test"][:500])).float().mean().item()
     assert accuracy > 0.2  # a teacher that learnt something, so the check above is about real predictions
+    # The run reports the foreign teacher's top-1 on its own test images: RepDistiller's net on that subset.
+    subset = prepare_data(load_cifar10(cifar_path), train_size=1000, test_size=500).test_indices.numpy()
+    x_sub = (torch.from_numpy(arrays["x_test"][subset]).permute(0, 3, 1, 2).float() / 255 - mean) / std
+    theirs = (logits(ref, x_sub).argmax(1) == torch.from_numpy(arrays["y_test"][subset]).long()).float().mean().item()
+    assert metrics["teacher"]["top1"] is None  # a RepDistiller file records no accuracy
+    assert metrics["teacher"]["top1_measured"] == pytest.approx(100 * theirs, abs=1e-9)
+    assert f"teacher top-1 {100 * theirs:.2f}%" in " ".join(capsys.readouterr().out.split())
     code = main(["distill", "--teacher", str(ckpt), "--teacher-format", "repdistiller", "--student", "resnet8",
                  "--epochs", "1", "--train-size", "1000", "--data", cifar_path, "--out", str(tmp_path / "no-model")])
     assert code == 2 and "--teacher-model" in capsys.readouterr().err
