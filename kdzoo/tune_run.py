@@ -165,7 +165,7 @@ def validation_view(data: Any) -> Any:
 
     view = Data(data.train_x, data.train_y, data.val_x, data.val_y, class_names=data.class_names,
                 fingerprint=f"{data.fingerprint}/val-as-eval", mean=data.mean, std=data.std, pad=data.pad,
-                flip=data.flip, dataset=data.dataset)
+                flip=data.flip, dataset=data.dataset, device=data.device)
     view.train_indices, view.test_indices = data.train_indices, data.val_indices
     return view
 
