@@ -114,21 +114,32 @@ def _rich_cell(cell: Cell, summary: Summary) -> Text:
     return text
 
 
-def transposed(summary: Summary) -> bool:
+CELL_WIDTH = 27  # characters a cell's widest line takes in a terminal ("Δ +3.25 [+0.71, +5.79]†" and borders)
+FIXED_WIDTH = 60  # the pair label, the teacher's top-1 and both parameter counts
+
+
+def transposed(summary: Summary, width: int | None = None) -> bool:
     """Whether the table is laid out a row per method (columns: pairs) rather than a row per pair: when
-    there are more than six methods and more methods than pairs, so that wide benchmarks stay readable."""
-    return len(summary.columns) > max(6, len(summary.rows))
+    there are more than six methods and more methods than pairs, so that wide benchmarks stay readable,
+    and in a terminal ``width`` characters wide, when a row per pair would not fit and a row per method
+    is narrower."""
+    if len(summary.columns) > max(6, len(summary.rows)):
+        return True
+    if width is None:
+        return False
+    per_pair = FIXED_WIDTH + CELL_WIDTH * len(summary.columns)
+    return per_pair > width and 20 + CELL_WIDTH * len(summary.rows) < per_pair
 
 
 def _grid(summary: Summary, teacher: Callable[[Row], Any], cell: Callable[[Cell], Any],
-          text: Callable[[str], Any]) -> tuple[list[str], list[list[Any]]]:
+          text: Callable[[str], Any], width: int | None = None) -> tuple[list[str], list[list[Any]]]:
     """The header and rows of the table in its layout (:func:`transposed`), cells made by the callbacks."""
     fixed: list[tuple[str, Callable[[Row], Any]]] = [
         ("Teacher top-1", teacher),
         ("Teacher params", lambda r: text(_params(r.teacher_params))),
         ("Student params", lambda r: text(_params(r.student_params))),
     ]
-    if not transposed(summary):
+    if not transposed(summary, width):
         header = ["Teacher → Student", *(name for name, _ in fixed), *summary.columns]
         rows = [[text(r.label), *(f(r) for _, f in fixed), *(cell(c) for c in r.cells)] for r in summary.rows]
         return header, rows
@@ -148,12 +159,14 @@ def _rich_teacher(row: Row, summary: Summary) -> Text:
 
 
 def render_table(summary: Summary, console: Console) -> None:
-    """Print the table (a row per pair, or per method for wide benchmarks: :func:`transposed`), then the
+    """Print the table (a row per pair, or per method for wide benchmarks and narrow terminals:
+    :func:`transposed`), then the
     reference source, the n/a cells and one line per failed run."""
     # Text, not markup: the caption's "[95% ...]" and a benchmark's name are not rich tags.
     table = Table(title=Text(f"{summary.name}: {summary.metric_label}", style="table.title"),
                   caption=Text(summary.caption, style="table.caption"), show_lines=True)
-    header, rows = _grid(summary, lambda r: _rich_teacher(r, summary), lambda c: _rich_cell(c, summary), Text)
+    header, rows = _grid(summary, lambda r: _rich_teacher(r, summary), lambda c: _rich_cell(c, summary), Text,
+                         width=console.width)
     for i, name in enumerate(header):
         table.add_column(name, no_wrap=i == 0, justify="left" if i == 0 else "right")
     for row in rows:

@@ -133,13 +133,13 @@ class Summary:
             parts.append(self.budget)
         level = f"{CONFIDENCE:.0%}"
         if len(self.seeds) == 1:
-            parts.append("Δ = paired difference vs ce (same seed); * = best in row")
+            parts.append("Δ = paired difference vs ce (same seed); * = best of the pair")
             parts.append(f"one seed: no confidence intervals and no {SIGNIFICANT} marks (an interval needs at least "
                          "2 seeds); rank orders the single runs by top-1 alone (= tied)")
         else:
             parts.append(f"Δ = mean paired difference vs ce (same seed) [its {level} confidence interval, "
                          "Student's t; none under 2 pairs]")
-            parts.append(f"{SIGNIFICANT} = the interval excludes 0; * = best in row; rank = 1 + the methods whose "
+            parts.append(f"{SIGNIFICANT} = the interval excludes 0; * = best of the pair; rank = 1 + the methods whose "
                          f"{level} interval of top-1 lies wholly above (= tied)")
         if self.reference_source is not None:
             if self.reference_metric == "error":

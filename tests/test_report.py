@@ -29,7 +29,7 @@ from rich.console import Console
 from kdzoo import KDZooError
 from kdzoo.records import BenchRecord, BestEpoch, RunRecord, Scores, TeacherRecord, TeacherRef
 from kdzoo.report import (
-    CSV_COLUMNS, export, render_table, summarize, summarize_dir, to_csv, to_json, to_markdown,
+    CSV_COLUMNS, export, render_table, summarize, summarize_dir, to_csv, to_json, to_markdown, transposed,
 )
 from kdzoo.store import Store
 
@@ -329,6 +329,13 @@ def test_wide_benchmarks_are_laid_out_a_row_per_method():
     few = summarize(records, bench(records, columns=columns[:5], pairs=[["resnet32", "resnet8"]],
                                    teachers={"resnet32": "tA"}))
     assert "| Teacher → Student | Teacher top-1 |" in to_markdown(few)
+    # ... in files and wide terminals; a terminal too narrow for them gets a row per method too
+    assert not transposed(few) and not transposed(few, width=220) and transposed(few, width=100)
+    narrow = Console(record=True, width=100)
+    render_table(few, narrow)
+    lines = narrow.export_text().splitlines()
+    assert max(len(line) for line in lines) <= 100
+    assert any(line.startswith("│ fitnets") and "34.00* (n=1)" in line for line in lines)  # 30 + 4, best
 
 
 T975 = {1: 12.706204736, 2: 4.30265273}  # two-sided 95% Student-t quantiles, from printed tables
