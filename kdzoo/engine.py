@@ -317,8 +317,9 @@ def cohort_precision(autocast: str, device: torch.device, students: list[KDNet],
     every distinct student network, else float32. Each run equals its solo run whenever the students agree."""
     choices: dict[str, Precision] = {}
     for s in students:
-        choices.setdefault(type(getattr(s, "model", s)).__name__ + str(count_params(s)),
-                           choose_precision(autocast, device, s, input_size))
+        key = type(getattr(s, "model", s)).__name__ + str(count_params(s))
+        if key not in choices:
+            choices[key] = choose_precision(autocast, device, s, input_size)
     first = next(iter(choices.values()))
     if all(p.dtype == first.dtype for p in choices.values()):
         return first

@@ -88,3 +88,27 @@ def test_the_real_step_timer_measures_forward_and_backward():
     model = net()
     seconds = precision._step_seconds(model, torch.randn(4, 3, 8, 8), None)
     assert seconds > 0 and all(p.grad is not None for p in model.parameters())
+
+
+def test_a_cohort_of_students_shares_one_dtype(monkeypatch):
+    """A cohort's teacher pass is shared, so it has one dtype: bf16 only when the probe says so for every
+    distinct student network (each measured once), else float32 for all, saying why."""
+    from kdzoo.engine import cohort_precision
+
+    caps(monkeypatch, avx512_bf16=True)
+    torch.manual_seed(0)
+    wide = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    speedups = {sum(p.numel() for p in net().parameters()): 1.5, sum(p.numel() for p in wide.parameters()): 1.0}
+    probed = []
+
+    def probe(n, d, s=(32, 32)):
+        params = sum(p.numel() for p in n.parameters())
+        probed.append(params)
+        return {"bf16_speedup": speedups[params], "network": f"net of {params} parameters"}
+
+    monkeypatch.setattr(precision, "probe", probe)
+    agree = cohort_precision("auto", CPU, [net(), net()], (32, 32))
+    assert agree.dtype == torch.bfloat16 and len(probed) == 1  # one network, probed once
+    mixed = cohort_precision("auto", CPU, [net(), wide, net()], (32, 32))
+    assert mixed.dtype is None and "students disagree" in mixed.reason and "1.00x" in mixed.reason
+    assert cohort_precision("bf16", CPU, [net(), wide], (32, 32)).dtype == torch.bfloat16  # explicit wins
