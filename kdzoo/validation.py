@@ -144,7 +144,11 @@ def prepare(path: str | Path, registry: Registry, device: str | None = None, coh
     """Read and validate a benchmark file; returns ``(plan, data, device)``. Nothing is trained."""
     from kdzoo.config import read_yaml
 
-    bench = parse(BenchConfig, read_yaml(path))
+    raw = read_yaml(path)
+    if isinstance(raw, dict) and "budget" in raw and "teacher" in raw:
+        raise KDZooError(f"{path} is a tuning file (it has `teacher:` and `budget:`), not a benchmark: run "
+                         f"`kdzoo tune {path}`, then `kdzoo bench` on the tuned.yaml it writes.")
+    bench = parse(BenchConfig, raw)
     if cohorts is not None:
         bench.cohorts = cohorts
     if data_source is not None:

@@ -239,8 +239,16 @@ def test_kill_9_and_resume_equals_uninterrupted(uninterrupted, tmp_path, point):
     assert not list(out.rglob("*.tmp")) and not list((out / "cohorts").glob("*.pt"))
 
 
+def _shipped(kind: str) -> list[Path]:
+    """The shipped YAML files of one kind: tuning files (`kdzoo tune`) have `budget:`; the rest are benchmarks."""
+    from kdzoo.config import read_yaml
+
+    paths = sorted(Path(__file__).parent.parent.glob("benchmarks/*.yaml"))
+    return [p for p in paths if ("budget" in read_yaml(p)) == (kind == "tune")]
+
+
 @pytest.mark.slow  # a dry training step of every model and method of every pair: minutes for the big tables
-@pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("benchmarks/*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", _shipped("bench"), ids=lambda p: p.name)
 def test_shipped_benchmarks_are_valid(registry, path):
     from kdzoo.config import read_yaml
 
@@ -252,6 +260,18 @@ def test_shipped_benchmarks_are_valid(registry, path):
         columns = {v.label for v in plan.variants} | {"teacher"}
         for row in plan.bench.reference.rows:
             assert (row.teacher, row.student) in plan.pairs and set(row.values) <= columns
+
+
+@pytest.mark.parametrize("path", _shipped("tune"), ids=lambda p: p.name)
+def test_shipped_tuning_files_are_valid(registry, path, cifar_path):
+    from kdzoo import tune
+
+    setup = tune.prepare(path, registry, data_source=cifar_path)  # spaces, range ends, plan and budget
+    assert setup.spaces and setup.config.data.val_size > 0
+    # `kdzoo bench` on a tuning file points to `kdzoo tune` instead of listing unknown keys
+    proc = subprocess.run([sys.executable, "-m", "kdzoo", "bench", str(path), "--dry-run"],
+                          capture_output=True, text=True, env={**os.environ, "KDZOO_DATA": cifar_path})
+    assert proc.returncode != 0 and "is a tuning file" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_one_runner_per_folder(tmp_path):
