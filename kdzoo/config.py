@@ -57,7 +57,8 @@ class Recipe:
     channels_last: bool = True
     compile: bool = False  # torch.compile the student
     autocast: str = "auto"  # "auto": bf16 where native (CUDA with bf16, CPUs with AMX), else float32; "off"; "bf16"
-    eval_batch_size: int = 1000
+    # 128: on a 2-core EPYC evaluation ran 1.4-2.1x faster per image than at 1000 (activations stay in cache)
+    eval_batch_size: int = 128
 
     def validate(self, path: str = "recipe") -> None:
         choices = {"schedule": ("cosine", "multistep", "onecycle", "constant"), "autocast": ("auto", "off", "bf16"),
