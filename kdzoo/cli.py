@@ -356,43 +356,15 @@ def cmd_models(args: argparse.Namespace, registry: Registry) -> None:
     err_console.print(f"[dim]{len(names)} model(s)[/]")
 
 
-def busy_threads(load: float | None = None, cpus: int | None = None) -> int | None:
-    """The torch threads to suggest when the load average says other processes compete for the CPUs
-    (a 1-minute load of at least half the CPUs and at least 1: on 2 cores, one other CPU-bound process):
-    the CPUs the others leave free, at least 1. None on a quiet machine (torch's default stands).
-
-    Why: beside one CPU-bound process on a 2-vCPU AMD EPYC, the kd step ran at 84 img/s with torch's 2
-    threads (which wait on each other at every operator) and 137 with 1, against 257 quiet with 2."""
-    import math
-    import os
-
-    try:
-        load = os.getloadavg()[0] if load is None else load
-    except OSError:  # not available on this platform
-        return None
-    cpus = cpus or os.cpu_count() or 1
-    if load < max(1.0, cpus / 2):
-        return None
-    return max(1, cpus - math.floor(load + 0.5))
-
-
 def _warn_if_busy() -> None:
-    """On a busy machine, say once how many threads to train with (not set automatically: a different
-    thread count can change a run's last bits, and a resumed run must equal an uninterrupted one)."""
-    threads = busy_threads()
-    if threads is None:
-        return
-    import os
-
+    """On a busy machine, say once (before training) what to expect and what helps (:mod:`kdzoo.cpu_load`)."""
     import torch
 
-    if os.environ.get("OMP_NUM_THREADS") or threads >= torch.get_num_threads():
-        return
-    message = (f"this machine is busy (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs): torch's "
-               f"{torch.get_num_threads()} threads will wait on the other processes and steps can be several times "
-               f"slower. Start kdzoo with OMP_NUM_THREADS={threads} to use the CPUs they leave free (beside one busy "
-               "process on 2 cores this ran the kd step 1.6x faster than 2 threads), or run one job at a time.")
-    err_console.print(f"[bold yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    from kdzoo.cpu_load import busy_warning
+
+    message = busy_warning(torch.get_num_threads())
+    if message:
+        err_console.print(f"[bold yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def cmd_run(args: argparse.Namespace, registry: Registry) -> None:
@@ -559,6 +531,9 @@ COMMANDS["tune"] = cmd_tune
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from kdzoo.cpu_load import prefer_passive_wait
+
+    prefer_passive_wait()  # before torch loads OpenMP: idle threads sleep instead of spinning (kdzoo/cpu_load.py)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

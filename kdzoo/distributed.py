@@ -57,7 +57,7 @@ class RayExecutor:
             import ray
         except ImportError as e:
             raise KDZooError('The Ray executor needs Ray: pip install "kdzoo[ray]" (or pip install ray).') from e
-        env = {k: v for k, v in os.environ.items() if k.startswith("KDZOO_")}
+        env = {k: v for k, v in os.environ.items() if k.startswith("KDZOO_") or k == "OMP_WAIT_POLICY"}
         ray.init(address=self.address, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": env})
         resources = ray.cluster_resources()

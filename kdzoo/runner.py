@@ -73,6 +73,7 @@ def environment(device: torch.device, recipe: Any = None, precision: Any = None)
     ``kdzoo.precision.Precision``, e.g. ``Trainer.precision``; else resolved from ``recipe`` without a probe)."""
     import timm
 
+    from kdzoo.cpu_load import wait_policy
     from kdzoo.precision import choose, cpu_name
 
     if precision is None and recipe is not None:
@@ -85,6 +86,7 @@ def environment(device: torch.device, recipe: Any = None, precision: Any = None)
         "python": platform.python_version(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "threads": torch.get_num_threads(),
+        "omp_wait_policy": wait_policy(),  # the kdzoo command sets PASSIVE (kdzoo/cpu_load.py)
     }
 
 

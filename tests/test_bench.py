@@ -204,6 +204,9 @@ def uninterrupted(cifar_path, tmp_path_factory):
     cfg.write_text(yaml.safe_dump({**TINY, "cohorts": False}))
     env = {**os.environ, "KDZOO_CACHE": str(root / "cache"), "KDZOO_DATA": cifar_path}
     subprocess.run(_bench_cmd(cfg, root / "ref"), env=env, check=True, capture_output=True)
+    for p in _students(root / "ref"):  # the command set OpenMP's passive wait before torch loaded
+        policy = json.loads(p.read_text())["environment"]["omp_wait_policy"]
+        assert policy == os.environ.get("OMP_WAIT_POLICY", "passive").upper()
     return cfg, env, _store_snapshot(root / "ref")
 
 
