@@ -135,8 +135,15 @@ def ensure_teacher(job: TeacherJob, ctx: Context) -> TeacherRecord:
                                 ctx.data.image_size)
         method = build_method(ctx.registry, BASELINE, {}, student.info, None, job.seed)
         member = Member(f"teacher {job.model}", student, method)
-        trainer = Trainer([member], ctx.data, job.recipe, seed=job.seed, device=ctx.device, progress=ctx.progress)
-        (result,) = _run_trainer(trainer, job.dir / "state.pt", ctx.say)
+        observed = _observe_teacher(job, run_id, member, ctx)
+        trainer = Trainer([member], ctx.data, job.recipe, seed=job.seed, device=ctx.device,
+                          progress=observed or ctx.progress)
+        try:
+            (result,) = _run_trainer(trainer, job.dir / "state.pt", ctx.say)
+        except BaseException as e:  # the observers learn that the run stopped, then the error goes on
+            if observed is not None:
+                observed.end_all(e)
+            raise
         record = TeacherRecord(run_id=run_id, key=job.key, model=job.model, seed=job.seed, source="trained",
                                params=count_params(student), recipe=dataclasses.asdict(job.recipe),
                                data=data_info(ctx.data), provenance=job.provenance, **_scores(result),
@@ -146,8 +153,29 @@ def ensure_teacher(job: TeacherJob, ctx: Context) -> TeacherRecord:
                                 job.seed, key=job.key)
             write_json(job.dir / "metrics.json", record)
             (job.dir / "state.pt").unlink(missing_ok=True)
+        ctx.store.write_run(record)
+        if observed is not None:
+            (observers,) = observed.runs.values()
+            observers.artifact(ctx.store.run_path(run_id))
+            observers.end(result)
+        return record
     ctx.store.write_run(record)
     return record
+
+
+def _observe_teacher(job: TeacherJob, run_id: str, member: Member, ctx: Context) -> ObservedProgress | None:
+    """The benchmark's observers for a teacher it trains (method ce, no teacher); None without any."""
+    specs = resolve_observers(ctx.registry, ctx.plan.bench.loggers)
+    if not specs:
+        return None
+    bench = ctx.plan.bench
+    info = RunInfo(run_id=run_id, name=f"teacher {job.model} s{job.seed}", method=BASELINE,
+                   hparams=dict(member.method.hparams), student=job.model, teacher=None, seed=job.seed,
+                   folder=ctx.store.root / "logs" / run_id, results_dir=ctx.store.root, experiment=bench.name,
+                   config={"benchmark": bench.name, "teacher": job.model, "options": job.options,
+                           "recipe": dataclasses.asdict(job.recipe), "data": dataclasses.asdict(bench.data)})
+    observers = ObserverSet(specs, info, report=lambda message: ctx.say("warning", f"warning: {message}"))
+    return ObservedProgress(ctx.progress, {member.label: observers}, [member])
 
 
 def run_cohort(cohort: Cohort, teacher: TeacherRecord, ctx: Context) -> None:

@@ -487,3 +487,32 @@ def test_bench_runs_each_get_their_own_tensorboard_folder_and_mlflow_run(teacher
     plan, _, _ = prepare(bench, load_plugins())
     assert {r.run_id for r in plan.runs} == {r["run_id"] for r in records}
     assert [c.cohort_id for c in plan.cohorts] == [records[0]["cohort_id"]]
+
+
+def test_bench_observes_the_teacher_it_trains(cifar_path, tmp_path, monkeypatch):
+    """A teacher trained by `kdzoo bench` is a run too: the benchmark's observers follow it."""
+    monkeypatch.setenv("KDZOO_CACHE", str(tmp_path / "cache"))
+    bench = tmp_path / "bench.yaml"
+    bench.write_text(yaml.safe_dump({
+        "name": "observed-teacher", "teachers": ["resnet8"], "students": ["resnet8"], "methods": ["kd"], "seeds": [0],
+        "data": {"source": cifar_path, "train_size": 1000, "test_size": 300},
+        "recipe": {"epochs": 1, "batch_size": 100, "lr": 0.1, "autocast": "off"}, "teacher_recipe": {"epochs": 2},
+        "device": "cpu", "loggers": ["tensorboard", {"name": "mlflow", "experiment": "teachers"}]}))
+    out = tmp_path / "out"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["bench", str(bench), "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    (path,) = (out / "runs").glob("teacher-*.json")
+    record = json.loads(path.read_text())
+    assert record["source"] == "trained" and len(record["history"]) == 2
+    metrics = {**record, "method": "ce", "hparams": {}, "config": {"seed": record["seed"]}}
+    assert_tensorboard_matches(out / "logs" / record["run_id"] / "tensorboard", metrics)
+    client, run = mlflow_run((out / "mlruns").resolve().as_uri(), "teachers", record["run_id"])
+    assert run.data.params["teacher"] == "-" and run.data.params["student"] == "resnet8"
+    assert_mlflow_matches(client, run, metrics, {path.name: path})
+    # the students were observed as before: one MLflow run each beside the teacher's
+    exp = client.get_experiment_by_name("teachers")
+    assert len(client.search_runs([exp.experiment_id])) == 3
