@@ -116,6 +116,7 @@ def _test_metrics(net: KDNet, data: Data, device: torch.device) -> dict[str, flo
 def ensure_teacher(job: TeacherJob, ctx: Context) -> TeacherRecord:
     """Train (or reuse) a teacher; return its record (also written into the store)."""
     run_id = f"teacher-{job.key}"
+    observed: ObservedProgress | None = None
     if job.checkpoint:
         net, ckpt = load_job_teacher(job, ctx.registry, ctx.data)
         meta = ckpt.get("meta", {})
@@ -153,13 +154,11 @@ def ensure_teacher(job: TeacherJob, ctx: Context) -> TeacherRecord:
                                 job.seed, key=job.key)
             write_json(job.dir / "metrics.json", record)
             (job.dir / "state.pt").unlink(missing_ok=True)
-        ctx.store.write_run(record)
-        if observed is not None:
-            (observers,) = observed.runs.values()
-            observers.artifact(ctx.store.run_path(run_id))
-            observers.end(result)
-        return record
     ctx.store.write_run(record)
+    if observed is not None:  # a teacher this benchmark trained
+        (observers,) = observed.runs.values()
+        observers.artifact(ctx.store.run_path(run_id))
+        observers.end(result)
     return record
 
 
