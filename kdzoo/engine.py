@@ -63,6 +63,7 @@ class Member:
     init_optimizer: torch.optim.Optimizer | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
+    stopped: str | None = None  # why it was stopped on purpose (Trainer.stop): trains no further, not a failure
     wall_time: float = 0.0
 
 
@@ -444,7 +445,13 @@ class Trainer:
 
     @property
     def active(self) -> list[Member]:
-        return [m for m in self.members if m.error is None]
+        """The members that still train: neither failed nor stopped."""
+        return [m for m in self.members if m.error is None and m.stopped is None]
+
+    def stop(self, m: Member, reason: str) -> None:
+        """Stop ``m`` on purpose between epochs (e.g. a search pruning a trial): it trains no further and
+        keeps its history; the rest of the cohort goes on unchanged. Not a failure: its result says ``stopped``."""
+        m.stopped = reason
 
     def _step(self, m: Member, stage: str, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor,
               t_out: Outputs | None, sums: dict) -> torch.Tensor:
@@ -576,6 +583,7 @@ class Trainer:
             "rng_state": m.rng_state,
             "history": m.history,
             "error": m.error,
+            "stopped": m.stopped,
             "wall_time": m.wall_time,
         } for m in self.members]}
 
@@ -592,6 +600,7 @@ class Trainer:
             m.scheduler.load_state_dict(s["scheduler"])
             m.rng_state = s["rng_state"]
             m.history, m.error, m.wall_time = s["history"], s["error"], s["wall_time"]
+            m.stopped = s.get("stopped")
 
     def result(self, m: Member) -> dict[str, Any]:
         """A JSON-able summary: status, history, last- and best-epoch metrics (of the main stage), sizes and speed."""
@@ -602,6 +611,7 @@ class Trainer:
             "hparams": dict(m.method.hparams),
             "status": "failed" if m.error else "ok",
             "error": m.error,
+            "stopped": m.stopped,
             "epochs_done": len(main),
             "init_epochs_done": len(m.history) - len(main),
             "history": m.history,

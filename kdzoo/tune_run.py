@@ -211,12 +211,12 @@ def train_trials(setup: TuneSetup, registry: Any, study: Any, trials: list[Any],
     def on_epoch(done: int) -> None:
         for trial, m in members:
             main = main_epochs(m)
-            if m.error is not None or len(main) == reported[m.label]:
+            if m.error is not None or m.stopped is not None or len(main) == reported[m.label]:
                 continue
             reported[m.label] = len(main)
             trial.report(main[-1]["test"]["top1"], len(main))  # "test" of the view: the validation split
             if len(main) < recipe.epochs and trial.should_prune():
-                m.error = PRUNED  # inactive from now on: the cohort trains without it
+                trainer.stop(m, PRUNED)  # the cohort trains on without it
 
     trainer.fit(on_epoch=on_epoch)
     for trial, m in members:
@@ -224,7 +224,7 @@ def train_trials(setup: TuneSetup, registry: Any, study: Any, trials: list[Any],
         trial.set_user_attr("epochs", len(m.history))
         trial.set_user_attr("val_top1", [r["test"]["top1"] for r in main])
         trial.set_user_attr("wall_time_s", m.wall_time)  # its epochs' share of the cohort's time
-        if m.error == PRUNED:
+        if m.stopped == PRUNED:
             study.tell(trial, state=TrialState.PRUNED)
         elif m.error is not None or not main:
             trial.set_user_attr("error", m.error or "no epoch finished")

@@ -127,6 +127,38 @@ def test_a_cohort_of_several_students_equals_the_solo_runs_with_one_teacher_pass
         assert timing_free(result["history"]) == timing_free(alone["history"]), (s, m)
 
 
+def test_a_stopped_member_trains_no_further_and_the_rest_are_unchanged(registry, tiny_data, tmp_path):
+    """Trainer.stop (a search pruning a trial): the member keeps its history, is not a failure, and the
+    others equal their solo runs bit for bit; the stop survives a save and resume."""
+    teacher = _teacher(registry)
+    recipe = Recipe(epochs=3, batch_size=64, lr=0.05, eval_batch_size=500)
+    members = [_member(registry, m, "resnet8", m, 7, teacher) for m in ("kd", "attention")]
+    trainer = Trainer(members, tiny_data, recipe, teacher=teacher, seed=7)
+    state = tmp_path / "state.pt"
+
+    def on_epoch(done):
+        if done == 1:
+            trainer.stop(members[0], "pruned")
+            save_checkpoint(state, trainer.state_dict())
+
+    stopped, other = trainer.fit(on_epoch=on_epoch)
+    assert stopped["status"] == "ok" and stopped["error"] is None and stopped["stopped"] == "pruned"
+    assert stopped["epochs_done"] == 1 and len(stopped["history"]) == 1
+    alone = Trainer([_member(registry, "attention", "resnet8", "attention", 7, teacher)], tiny_data, recipe,
+                    teacher=teacher, seed=7).fit()[0]
+    assert other["stopped"] is None and other["epochs_done"] == 3
+    assert timing_free(other["history"]) == timing_free(alone["history"])
+    kd_alone = Trainer([_member(registry, "kd", "resnet8", "kd", 7, teacher)], tiny_data, recipe, teacher=teacher,
+                       seed=7).fit()[0]
+    assert timing_free(stopped["history"]) == timing_free(kd_alone["history"][:1])  # up to its stop, as alone
+    resumed = Trainer([_member(registry, m, "resnet8", m, 7, teacher) for m in ("kd", "attention")], tiny_data,
+                      recipe, teacher=teacher, seed=7)
+    resumed.load_state_dict(load_checkpoint(state))
+    again = resumed.fit(start_epoch=1)
+    assert again[0]["stopped"] == "pruned" and again[0]["epochs_done"] == 1
+    assert timing_free(again[1]["history"]) == timing_free(alone["history"])
+
+
 def test_cohort_equals_solo_with_dropout(registry, tiny_data):
     """Dropout draws random numbers: each member keeps its own RNG stream, so cohort == solo still."""
     recipe = Recipe(epochs=1, batch_size=64, lr=0.05, eval_batch_size=500)
