@@ -29,7 +29,7 @@ import torch
 
 import kdzoo
 from kdzoo import cache_dir
-from kdzoo.checkpoint import load_checkpoint, save_checkpoint
+from kdzoo.checkpoint import file_lock, load_checkpoint, save_checkpoint
 from kdzoo.data import Data
 from kdzoo.engine import Member, Progress, Trainer, count_params
 from kdzoo.estimate import estimate_seconds
@@ -114,9 +114,11 @@ def _test_metrics(net: KDNet, data: Data, device: torch.device) -> dict[str, flo
 
 
 def ensure_teacher(job: TeacherJob, ctx: Context) -> TeacherRecord:
-    """Train (or reuse) a teacher; return its record (also written into the store)."""
+    """Train (or reuse) a teacher; return its record (also written into the store).
+
+    Training holds an OS lock in the teacher's cache folder: a second process that needs the same teacher
+    (another benchmark, a Ray worker, a `kdzoo tune` sharing a study) waits for it and reuses the result."""
     run_id = f"teacher-{job.key}"
-    observed: ObservedProgress | None = None
     if job.checkpoint:
         net, ckpt = load_job_teacher(job, ctx.registry, ctx.data)
         meta = ckpt.get("meta", {})
@@ -131,31 +133,49 @@ def ensure_teacher(job: TeacherJob, ctx: Context) -> TeacherRecord:
         ctx.say("teacher", f"{job.model}: cached ({job.dir})")
         record = cached
     else:
-        ctx.say("teacher", f"{job.model}: training ({job.recipe.epochs} epochs)")
-        student = build_student(ctx.registry, job.model, job.options, job.seed, ctx.data.num_classes,
-                                ctx.data.image_size)
-        method = build_method(ctx.registry, BASELINE, {}, student.info, None, job.seed)
-        member = Member(f"teacher {job.model}", student, method)
-        observed = _observe_teacher(job, run_id, member, ctx)
-        trainer = Trainer([member], ctx.data, job.recipe, seed=job.seed, device=ctx.device,
-                          progress=observed or ctx.progress)
-        try:
-            (result,) = _run_trainer(trainer, job.dir / "state.pt", ctx.say)
-        except BaseException as e:  # the observers learn that the run stopped, then the error goes on
-            if observed is not None:
-                observed.end_all(e)
-            raise
-        record = TeacherRecord(run_id=run_id, key=job.key, model=job.model, seed=job.seed, source="trained",
-                               params=count_params(student), recipe=dataclasses.asdict(job.recipe),
-                               data=data_info(ctx.data), provenance=job.provenance, **_scores(result),
-                               environment=environment(ctx.device, precision=trainer.precision))
-        if record.status == "ok":
-            save_run_checkpoint(job.checkpoint_path, job.model, job.options, student, method, result, ctx.data,
-                                job.seed, key=job.key)
-            write_json(job.dir / "metrics.json", record)
-            (job.dir / "state.pt").unlink(missing_ok=True)
+        lock = job.dir / ".train.lock"
+        with file_lock(lock, blocking=False) as free:
+            pass
+        if not free:
+            ctx.say("teacher", f"{job.model}: another process is training it; waiting to reuse it")
+        with file_lock(lock):
+            cached = cached_teacher(job)  # trained by the process this one waited for
+            if cached is not None:
+                ctx.say("teacher", f"{job.model}: cached ({job.dir})")
+                record = cached
+            else:
+                return _train_teacher(job, run_id, ctx)
     ctx.store.write_run(record)
-    if observed is not None:  # a teacher this benchmark trained
+    return record
+
+
+def _train_teacher(job: TeacherJob, run_id: str, ctx: Context) -> TeacherRecord:
+    """Train a teacher into the cache (resumable, observed like a run); its record goes into the store."""
+    ctx.say("teacher", f"{job.model}: training ({job.recipe.epochs} epochs)")
+    student = build_student(ctx.registry, job.model, job.options, job.seed, ctx.data.num_classes,
+                            ctx.data.image_size)
+    method = build_method(ctx.registry, BASELINE, {}, student.info, None, job.seed)
+    member = Member(f"teacher {job.model}", student, method)
+    observed = _observe_teacher(job, run_id, member, ctx)
+    trainer = Trainer([member], ctx.data, job.recipe, seed=job.seed, device=ctx.device,
+                      progress=observed or ctx.progress)
+    try:
+        (result,) = _run_trainer(trainer, job.dir / "state.pt", ctx.say)
+    except BaseException as e:  # the observers learn that the run stopped, then the error goes on
+        if observed is not None:
+            observed.end_all(e)
+        raise
+    record = TeacherRecord(run_id=run_id, key=job.key, model=job.model, seed=job.seed, source="trained",
+                           params=count_params(student), recipe=dataclasses.asdict(job.recipe),
+                           data=data_info(ctx.data), provenance=job.provenance, **_scores(result),
+                           environment=environment(ctx.device, precision=trainer.precision))
+    if record.status == "ok":
+        save_run_checkpoint(job.checkpoint_path, job.model, job.options, student, method, result, ctx.data,
+                            job.seed, key=job.key)
+        write_json(job.dir / "metrics.json", record)
+        (job.dir / "state.pt").unlink(missing_ok=True)
+    ctx.store.write_run(record)
+    if observed is not None:
         (observers,) = observed.runs.values()
         observers.artifact(ctx.store.run_path(run_id))
         observers.end(result)

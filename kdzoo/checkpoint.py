@@ -11,6 +11,8 @@ checkpoint-format plugin then converts: see ``kdzoo.teachers.load_teacher``).
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import pickle
@@ -19,7 +21,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -51,6 +53,24 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path, blocking: bool = True) -> Iterator[bool]:
+    """Hold an OS lock (``flock``) on ``path`` for the ``with`` block; yields whether it was acquired (always
+    True when ``blocking``). A killed process releases it at once, so no stale lock is left behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def ensure_writable_dir(path: str | Path, what: str) -> Path:

@@ -516,6 +516,11 @@ def cmd_tune(args: argparse.Namespace, registry: Registry) -> int:
     with RichProgress(err_console) as progress:
         outcome = tune_run.search(setup, registry, out, progress, progress.say)
     tune_run.render(outcome, setup, console)
+    if outcome.running:  # every process tells its trials before it reads the study: the last one sees them all
+        console.print(f"Trials {', '.join(map(str, outcome.running))} are still training in another process "
+                      "sharing this study, so the best may change: that process writes tuned.yaml when it finishes.",
+                      highlight=False, soft_wrap=True)
+        return 0
     if outcome.best is None:
         return 1
     path, note = tune_run.write_bench(outcome, setup, out / "tuned.yaml")

@@ -14,21 +14,25 @@ resumes after any interruption without redoing a finished trial, and several pro
   every trial reports its validation accuracy; a trial the pruner stops leaves the cohort at once.
 * **Resume.** A trial left running by a dead process (each process holds an OS lock for its life) is marked
   failed and its parameters enqueued again; it does not count against the budget.
+* **Sharing.** Processes on one study ask for trials one at a time (an OS lock beside ``study.db``); running
+  trials count against the budget, so together they never exceed it. A process that finds trials asked by
+  another since its own last ask reseeds its sampler with the study's trial count, so two processes started
+  together (same seed) do not draw the same points; a lone process keeps one reproducible stream. Each process tells Optuna its trials'
+  results before it reads the study back, so the last one to finish sees every trial finished.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import socket
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import yaml
 
 from kdzoo import KDZooError
+from kdzoo.checkpoint import atomic_write, file_lock
 from kdzoo.tune import TuneSetup, enqueued_points
 
 PRUNED = "pruned by the search"
@@ -69,16 +73,17 @@ def open_study(setup: TuneSetup, out: Path) -> Any:
     folder holds a search whose results this setup could not reuse."""
     optuna = _optuna()
     out.mkdir(parents=True, exist_ok=True)
-    storage = optuna.storages.RDBStorage(f"sqlite:///{(out / 'study.db').resolve()}",
-                                         engine_kwargs={"connect_args": {"timeout": 60}})
-    study = optuna.create_study(study_name=setup.config.name, storage=storage, direction="maximize",
-                                load_if_exists=True, sampler=optuna.samplers.RandomSampler(seed=0))
-    key = study.user_attrs.get("kdzoo_key")
-    if key is None:
-        study.set_user_attr("kdzoo_key", setup.key)
-        for params, note in enqueued_points(setup.config, setup.spaces):
-            study.enqueue_trial(params, user_attrs={"note": note}, skip_if_exists=True)
-    elif key != setup.key:
+    with file_lock(out / ".ask.lock"):  # two processes creating one storage race on its schema
+        storage = optuna.storages.RDBStorage(f"sqlite:///{(out / 'study.db').resolve()}",
+                                             engine_kwargs={"connect_args": {"timeout": 60}})
+        study = optuna.create_study(study_name=setup.config.name, storage=storage, direction="maximize",
+                                    load_if_exists=True, sampler=optuna.samplers.RandomSampler(seed=0))
+        key = study.user_attrs.get("kdzoo_key")
+        if key is None:
+            study.set_user_attr("kdzoo_key", setup.key)
+            for params, note in enqueued_points(setup.config, setup.spaces):
+                study.enqueue_trial(params, user_attrs={"note": note}, skip_if_exists=True)
+    if key is not None and key != setup.key:
         raise KDZooError(
             f"{out} holds a search of '{setup.config.name}' with another teacher, student, recipe, data, seed or "
             "space (or other plugin versions), whose trials cannot be mixed with this one's. Use another --out, or "
@@ -88,22 +93,6 @@ def open_study(setup: TuneSetup, out: Path) -> Any:
     study.sampler = _sampler(optuna, setup, setup.config.search.seed + len(study.get_trials(deepcopy=False)))
     study.pruner = _pruner(optuna, setup)
     return study
-
-
-@contextlib.contextmanager
-def _flock(path: Path, blocking: bool = True) -> Iterator[bool]:
-    """An OS lock on ``path`` (released when the process dies); yields whether it was acquired."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _recover(study: Any, workers: Path, me: str, say: Say) -> None:
@@ -116,7 +105,7 @@ def _recover(study: Any, workers: Path, me: str, say: Say) -> None:
             continue
         lock = workers / f"{worker}.lock"
         if worker and lock.is_file():
-            with _flock(lock, blocking=False) as free:
+            with file_lock(lock, blocking=False) as free:
                 if not free:
                     continue  # another process is training it
             lock.unlink(missing_ok=True)
@@ -259,6 +248,11 @@ class Outcome:
     dims: int
     trained_now: int = 0
 
+    @property
+    def running(self) -> list[int]:
+        """Trials another process is still training (this one has finished all of its own)."""
+        return [t.number for t in self.trials if t.state.name == "RUNNING"]
+
 
 def search(setup: TuneSetup, registry: Any, out: Path, progress: Any, say: Say, *,
            after_cohort: Callable[[int], None] | None = None) -> Outcome:
@@ -272,10 +266,14 @@ def search(setup: TuneSetup, registry: Any, out: Path, progress: Any, say: Say, 
     me = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     teacher = view = None
     trained = 0
-    with _flock(workers / f"{me}.lock"):
+    seen = len(study.get_trials(deepcopy=False))  # open_study seeded the sampler with this count
+    with file_lock(workers / f"{me}.lock"):
         try:
             while True:
-                with _flock(out / ".ask.lock"):  # recovery and asking: one process at a time
+                with file_lock(out / ".ask.lock"):  # recovery and asking: one process at a time
+                    now = len(study.get_trials(deepcopy=False))
+                    if now != seen:  # another process asked meanwhile: draw from a stream of its own
+                        study.sampler = _sampler(_optuna(), setup, setup.config.search.seed + now)
                     _recover(study, workers, me, say)
                     n_trials, n_epochs = spent(study, per_trial)
                     n = min(setup.config.search.cohort, budget.trials - n_trials,
@@ -288,6 +286,7 @@ def search(setup: TuneSetup, registry: Any, out: Path, progress: Any, say: Say, 
                     trials = [study.ask() for _ in range(n)]
                     for t in trials:
                         t.set_user_attr("worker", me)
+                    seen = len(study.get_trials(deepcopy=False))
                 say("cohort", f"trials {', '.join(str(t.number) for t in trials)} "
                               f"({n_trials + n}/{budget.trials} of the budget)")
                 train_trials(setup, registry, study, trials, teacher, view, progress)
@@ -378,6 +377,6 @@ def write_bench(outcome: Outcome, setup: TuneSetup, path: Path) -> tuple[Path, s
     header = (f"# Written by `kdzoo tune {setup.path}` from trial {outcome.best.number} of "
               f"{path.parent / 'study.db'}.\n"
               f"# Run it with: kdzoo bench {path}\n")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(header + yaml.safe_dump(bench, sort_keys=False, allow_unicode=True))
+    text = header + yaml.safe_dump(bench, sort_keys=False, allow_unicode=True)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))  # processes sharing the study each write it
     return path, note

@@ -175,6 +175,41 @@ def test_failed_run_is_recorded_and_the_rest_continue(cifar_path, cache, tmp_pat
     assert again.trained == 0 and again.skipped == 3 and not [e for e in events if e[0] == "cohort"]
 
 
+def test_a_teacher_in_training_is_awaited_and_reused_not_trained_twice(cifar_path, cache, tmp_path, registry):
+    """Two processes (here threads, each with its own store) need the same untrained teacher: the second waits
+    on the cache folder's lock while the first trains, then reuses its checkpoint."""
+    import threading
+
+    cfg = tmp_path / "b.yaml"
+    cfg.write_text(yaml.safe_dump({**TINY, "teacher_recipe": {"epochs": 1}}))
+    plan, data, device = B.prepare(cfg, registry)
+    job = plan.teachers[0]
+    training, said, records = threading.Event(), {"a": [], "b": []}, {}
+
+    def run(name: str) -> None:
+        def say(event, detail):
+            said[name].append(detail)
+            if detail.endswith("training (1 epochs)"):
+                training.set()
+                time.sleep(1.0)  # the other process arrives while this one trains
+
+        ctx = B.Context(plan, data, registry, Store(tmp_path / name), device, B.Progress(), say)
+        records[name] = B.ensure_teacher(job, ctx)
+
+    first = threading.Thread(target=run, args=("a",))
+    first.start()
+    assert training.wait(120)
+    second = threading.Thread(target=run, args=("b",))
+    second.start()
+    first.join(300)
+    second.join(300)
+    assert said["a"] == ["resnet20: training (1 epochs)"]
+    assert said["b"] == ["resnet20: another process is training it; waiting to reuse it",
+                         f"resnet20: cached ({job.dir})"]
+    assert records["b"] == records["a"] and records["a"].status == "ok" and records["a"].source == "trained"
+    assert Store(tmp_path / "b").has_run(records["a"].run_id)
+
+
 # -- kill -9 and resume ---------------------------------------------------------------------------
 def _bench_cmd(cfg: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "kdzoo.cli", "bench", str(cfg), "--out", str(out)]

@@ -2,7 +2,10 @@
 test split, reports the store's best and writes a benchmark that validates; resume after an interruption."""
 from __future__ import annotations
 
+import os
 import sqlite3
+import subprocess
+import sys
 import types
 from pathlib import Path
 
@@ -243,3 +246,29 @@ def test_an_interrupted_search_resumes_without_redoing_finished_trials(env):
     assert tune_run.spent(study, 1) == (4, 4)  # the interrupted attempts do not count against the budget
     # A third run finds the budget spent and trains nothing.
     assert tune_run.search(setup, registry, out, Progress(), lambda *a: None).trained_now == 0
+
+
+def test_two_processes_share_one_study_and_one_teacher_within_the_budget(env):
+    """Two `kdzoo tune` processes started together on one folder: the teacher is trained once (the other waits
+    for it), every trial is trained once, both processes train some, and together they stay within budget."""
+    mapping = with_(TINY, recipe__epochs=1, budget={"trials": 6}, search={"cohort": 1, "pruner": "none"})
+    path, out = write(env, mapping), env / "out"
+    cmd = [sys.executable, "-m", "kdzoo", "tune", str(path), "--out", str(out)]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}) for _ in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    printed = "\n".join(outputs)
+    assert printed.count("resnet8: training (3 epochs)") == 1, printed
+
+    stored = stored_values(out / "study.db")
+    assert stored == {n: ("COMPLETE", stored[n][1]) for n in range(6)}  # six trials, each trained once
+    study = tune_run.open_study(tune.prepare(path, load_plugins(strict=True)), out)
+    trials = study.get_trials()
+    assert len({t.user_attrs["worker"] for t in trials}) == 2  # both processes trained trials
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 6
+    # tuned.yaml is written by whichever process saw every trial finished, from the study's best trial.
+    best = max(trials, key=lambda t: (t.value, -t.number))
+    bench = yaml.safe_load((out / "tuned.yaml").read_text())
+    assert f"validation top-1 {best.value:.2f}%" in bench["description"]
+    assert sum("Wrote " in o for o in outputs) >= 1
