@@ -144,8 +144,8 @@ def _cell(c: dict[str, Any], significant_mark: str) -> str:
     head = _num(c["mean"], "mean") + (f" ± {_num(c['std'], 'std')}" if c["std"] is not None else "")
     head = f"<strong>{head}*</strong>" if c["best"] else head
     # The terminal's lines, with the longer ones broken in two so that five methods fit a page's width.
-    lines = [f"<div>{head}</div>",
-             f'<div class="dim">(n={c["n"]})' + (f' rank {_e(c["rank"])}' if c["rank"] else "") + "</div>"]
+    rank = f' rank {"=" if c["rank_tied"] else ""}{c["rank"]}' if c["rank"] else ""
+    lines = [f"<div>{head}</div>", f'<div class="dim">(n={c["n"]}){rank}</div>']
     if c["delta_vs_ce"] is not None and c["delta_n"]:
         d = c["delta_vs_ce"]
         tone = "up" if d > 0 else "down" if d < 0 else ""

@@ -36,7 +36,7 @@ CSV_COLUMNS = [
     "method", "status", "best", "delta_n", "failed_seeds", "missing_seeds", "reference_metric",
     "reference_ours", "teacher_params", "method_params",
     # confidence intervals and ranks (kdzoo.stats), after the extras
-    "delta_ci_low", "delta_ci_high", "delta_significant", "rank",
+    "delta_ci_low", "delta_ci_high", "delta_significant", "rank", "rank_tied",
 ]
 
 
@@ -237,7 +237,9 @@ def to_markdown(summary: Summary) -> str:
 
 def _records(summary: Summary) -> list[dict[str, Any]]:
     """One dict per (pair, variant): the CSV/JSON rows, with plain Python values. ``delta_significant`` is
-    None (empty) where there is no interval, so that "false" always means an interval that includes 0."""
+    None (empty) where there is no interval, so that "false" always means an interval that includes 0. ``rank``
+    is a number and ``rank_tied`` says whether another cell shares it (the table's "=2": a spreadsheet would read
+    that text as a formula)."""
     out = []
     for row in summary.rows:
         for c in row.cells:
@@ -255,7 +257,8 @@ def _records(summary: Summary) -> list[dict[str, Any]]:
                 "method_params": c.method_params, "values": c.stat.values,
                 "delta_ci_low": ci.low if ci else None, "delta_ci_high": ci.high if ci else None,
                 "delta_significant": ci.excludes_zero if ci and ci.low is not None else None,
-                "rank": c.rank or None, "delta_ci_level": ci.level if ci else None,
+                "rank": int(c.rank.lstrip("=")) if c.rank else None,
+                "rank_tied": c.rank.startswith("=") if c.rank else None, "delta_ci_level": ci.level if ci else None,
                 "delta_ci_reason": ci.reason if ci else None,
             })
     return out

@@ -360,19 +360,19 @@ def test_delta_confidence_intervals_and_ranks(store):
     assert [c.rank for c in a_best.values()] == ["3", "=1", "=1"]
 
     rows = {(r["teacher"], r["variant"]): r for r in csv.DictReader(io.StringIO(to_csv(last)))}
-    assert CSV_COLUMNS[-4:] == ["delta_ci_low", "delta_ci_high", "delta_significant", "rank"]
+    assert CSV_COLUMNS[-5:] == ["delta_ci_low", "delta_ci_high", "delta_significant", "rank", "rank_tied"]
     assert list(rows["resnet20", "ce"]) == CSV_COLUMNS
     at = rows["resnet20", "attention"]
     assert (float(at["delta_ci_low"]), float(at["delta_ci_high"])) == (round(-1 - half3, 4), round(-1 + half3, 4))
-    assert (at["delta_significant"], at["rank"]) == ("false", "=1")
+    assert (at["delta_significant"], at["rank"], at["rank_tied"]) == ("false", "1", "true")
     assert (rows["resnet20", "kd"]["delta_significant"], rows["resnet20", "ce"]["delta_significant"]) == ("true", "")
     data = to_json(best)
     kd = next(c for c in data["cells"] if c["teacher"] == "resnet20" and c["variant"] == "kd")
     assert (kd["delta_ci_low"], kd["delta_ci_high"]) == (pytest.approx(3 - half3), pytest.approx(3 + half3))
-    assert (kd["delta_significant"], kd["rank"], kd["delta_ci_level"]) == (True, "=1", 0.95)
+    assert (kd["delta_significant"], kd["rank"], kd["rank_tied"], kd["delta_ci_level"]) == (True, 1, True, 0.95)
     assert data["confidence_level"] == 0.95
     ce = next(c for c in data["cells"] if c["teacher"] == "resnet20" and c["variant"] == "ce")
-    assert (ce["delta_ci_low"], ce["delta_significant"], ce["rank"]) == (None, None, "3")
+    assert (ce["delta_ci_low"], ce["delta_significant"], ce["rank"], ce["rank_tied"]) == (None, None, 3, False)
 
     console = Console(record=True, width=200)
     render_table(best, console)
@@ -396,4 +396,5 @@ def test_one_seed_shows_no_interval_and_says_why():
            "| 49.00 (n=1) rank 4<br>Δ -1.00 |" in md
     assert "[" not in md.split("| Teacher")[1] and "†" not in md.split("| Teacher")[1]
     kd = next(r for r in csv.DictReader(io.StringIO(to_csv(summary))) if r["variant"] == "kd")
-    assert (kd["delta_ci_low"], kd["delta_ci_high"], kd["delta_significant"], kd["rank"]) == ("", "", "", "=1")
+    assert (kd["delta_ci_low"], kd["delta_ci_high"], kd["delta_significant"], kd["rank"], kd["rank_tied"]) == \
+        ("", "", "", "1", "true")
