@@ -143,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: runs/tune/NAME); rerun to resume")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the file's, else auto)")
     p.add_argument("--data", metavar="SOURCE", help="override the file's data source (auto, torchvision, or a .npz path)")
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="local: search here; ray: Ray tasks search together on one study (GPUs, clusters)")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="Ray tasks to run (default: one per GPU, else one per node)")
+    p.add_argument("--ray-address", metavar="ADDR", help="an existing Ray cluster (default: start a local one)")
     p = add("new-plugin", "write a ready-to-install method package kdzoo-NAME (pyproject, skeleton, README, tests)")
     p.add_argument("name", help="method name: lowercase letters, digits, underscores (e.g. my_kd)")
     p.add_argument("--dir", default=".", help="parent folder of the new package (default: the current folder)")
@@ -507,14 +512,30 @@ def cmd_tune(args: argparse.Namespace, registry: Registry) -> int:
     from kdzoo.progress import RichProgress
 
     tune_run._optuna()  # the optional extra: a clear message before anything is loaded
+    if args.workers is not None and (args.executor != "ray" or args.workers < 1):
+        raise KDZooError(f"--workers {args.workers}: the number of Ray tasks that search together needs "
+                         "--executor ray and a count of at least 1 (a local search is one process; start "
+                         "`kdzoo tune` again with the same --out to add another).")
+    if args.executor == "ray":
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise KDZooError('--executor ray needs Ray: pip install "kdzoo[ray]" (or pip install ray).')
     setup = tune.prepare(args.file, registry, device=args.device, data_source=args.data)
     out = ensure_writable_dir(Path(args.out or f"runs/tune/{setup.config.name}"), "results (--out)")
     _warn_if_busy()
     console.print(f"[bold]{setup.config.name}[/]: {', '.join(setup.spaces)} on {setup.plan.pairs[0][0]} → "
                   f"{setup.plan.pairs[0][1]}, {setup.config.budget.trials} trials of {tune_run.epochs_per_trial(setup)} "
                   f"epochs, scored on {len(setup.data.val_y):,} validation images; study in {out / 'study.db'}")
-    with RichProgress(err_console) as progress:
-        outcome = tune_run.search(setup, registry, out, progress, progress.say)
+    if args.executor == "ray":
+        from kdzoo.distributed import tune_on_ray
+
+        trained = tune_on_ray(args.file, out, registry, address=args.ray_address, workers=args.workers,
+                              device=args.device, data_source=args.data, say=lambda e, d: err_console.print(d))
+        outcome = tune_run.read_outcome(tune_run.open_study(setup, out), setup, trained)
+    else:
+        with RichProgress(err_console) as progress:
+            outcome = tune_run.search(setup, registry, out, progress, progress.say)
     tune_run.render(outcome, setup, console)
     if outcome.running:  # every process tells its trials before it reads the study: the last one sees them all
         console.print(f"Trials {', '.join(map(str, outcome.running))} are still training in another process "

@@ -1,6 +1,8 @@
 """Run a benchmark on Ray: one task per teacher, then one task per cohort (one GPU each when the
 cluster has GPUs). This covers several GPUs of one machine (a local Ray instance) and a cluster
 alike, behind the same ``kdzoo bench`` command: ``--executor ray [--ray-address ADDR]``.
+``kdzoo tune --executor ray`` runs the search's workers as Ray tasks sharing one study
+(:func:`tune_on_ray`).
 
 Each task loads the plugins and the data itself, trains, and writes its results into the store
 exactly as the local executor does, so the table, resume and failure handling are unchanged.
@@ -44,6 +46,60 @@ def _task(kind: str, plan: Plan, item: TeacherJob | Cohort, teacher: TeacherReco
     return item.cohort_id
 
 
+def _init_ray(address: str | None) -> tuple[object, dict]:
+    """Ray, connected (``address``) or started locally, with kdzoo's environment passed to its workers."""
+    try:
+        import ray
+    except ImportError as e:
+        raise KDZooError('The Ray executor needs Ray: pip install "kdzoo[ray]" (or pip install ray).') from e
+    env = {k: v for k, v in os.environ.items() if k.startswith("KDZOO_") or k == "OMP_WAIT_POLICY"}
+    ray.init(address=address, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": env})
+    return ray, ray.cluster_resources()
+
+
+def _tune_task(file: str, out: str, device: str | None, data_source: str | None, disabled: list[str],
+               threads: int) -> int:
+    """Body of one Ray tuning worker: the search of ``kdzoo tune``, on the shared study; returns trials trained."""
+    import torch
+
+    from kdzoo import tune, tune_run
+    from kdzoo.engine import Progress
+    from kdzoo.plugins import load_plugins
+
+    torch.set_num_threads(threads)
+    registry = load_plugins(disable=disabled)
+    setup = tune.prepare(file, registry, device=device, data_source=data_source)
+    return tune_run.search(setup, registry, Path(out), Progress(), lambda e, d: None).trained_now
+
+
+def tune_on_ray(file: str | Path, out: Path, registry: object, *, address: str | None = None,
+                workers: int | None = None, device: str | None = None, data_source: str | None = None,
+                say=lambda event, detail: None) -> int:
+    """Run ``workers`` Ray tasks of ``kdzoo tune``'s search on the study in ``out`` (default: one per GPU, else one
+    per node); they share it as processes do (see ``kdzoo.tune_run``). Returns the trials they trained. ``file``,
+    ``out`` and ``$KDZOO_CACHE`` must be on a file system every worker sees."""
+    ray, resources = _init_ray(address)
+    gpus = int(resources.get("GPU", 0))
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    node_cpus = min(int(n["Resources"].get("CPU", 1)) for n in nodes)
+    if workers is None:
+        workers = gpus or len(nodes)
+    if gpus:
+        options, threads = {"num_gpus": 1, "num_cpus": 1}, 1
+    else:  # the node's CPUs shared by its workers: oversubscribed CPUs slow training tenfold
+        per_node = max(1, -(-workers // len(nodes)))
+        threads = max(1, node_cpus // per_node)
+        options = {"num_cpus": threads}
+    say("cohort", f"Ray: {workers} tuning worker(s) on {gpus} GPU(s), {resources.get('CPU', 0):.0f} CPU(s); "
+                  f"each takes {options}")
+    task = ray.remote(max_retries=0, **options)(_tune_task)
+    disabled = [p.name for p in registry.plugins if p.disabled]
+    refs = [task.remote(str(Path(file).resolve()), str(out.resolve()), device, data_source, disabled, threads)
+            for _ in range(workers)]
+    return sum(ray.get(refs))
+
+
 @dataclass
 class RayExecutor:
     """A :class:`kdzoo.bench.Executor`: the plan's teachers, then the unfinished cohorts, as Ray tasks.
@@ -53,14 +109,7 @@ class RayExecutor:
     address: str | None = None
 
     def __call__(self, ctx: Context, todo: list[Cohort]) -> None:
-        try:
-            import ray
-        except ImportError as e:
-            raise KDZooError('The Ray executor needs Ray: pip install "kdzoo[ray]" (or pip install ray).') from e
-        env = {k: v for k, v in os.environ.items() if k.startswith("KDZOO_") or k == "OMP_WAIT_POLICY"}
-        ray.init(address=self.address, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": env})
-        resources = ray.cluster_resources()
+        ray, resources = _init_ray(self.address)
         if resources.get("GPU", 0) >= 1:
             options, threads = {"num_gpus": 1, "num_cpus": 1}, 1
         else:  # one task per node: concurrent CPU training processes slow each other more than tenfold

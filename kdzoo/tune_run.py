@@ -295,10 +295,15 @@ def search(setup: TuneSetup, registry: Any, out: Path, progress: Any, say: Say, 
                     after_cohort(trained)
         finally:
             (workers / f"{me}.lock").unlink(missing_ok=True)
+    return read_outcome(study, setup, trained)
+
+
+def read_outcome(study: Any, setup: TuneSetup, trained_now: int = 0) -> Outcome:
+    """The study's trials as they stand (read back from the storage), with the best complete one."""
     all_trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
     complete = [t for t in all_trials if t.state.name == "COMPLETE"]
     best = max(complete, key=lambda t: (t.value, -t.number)) if complete else None
-    return Outcome(all_trials, best, per_trial, setup.dims, trained)
+    return Outcome(all_trials, best, epochs_per_trial(setup), setup.dims, trained_now)
 
 
 # -- the report -------------------------------------------------------------------------------------------

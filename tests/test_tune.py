@@ -109,6 +109,15 @@ def test_cli_prints_the_error_without_a_traceback(tmp_path, capsys):
     assert not (tmp_path / "out" / "study.db").exists()
 
 
+@pytest.mark.parametrize("args", [["--workers", "2"], ["--executor", "ray", "--workers", "0"]])
+def test_workers_need_the_ray_executor_and_a_positive_count(tmp_path, capsys, args):
+    path = write(tmp_path, TINY)
+    assert main(["tune", str(path), "--out", str(tmp_path / "out"), *args]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"--workers {args[-1]}:" in err and "needs --executor ray and a count of at least 1" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
 # -- real searches on CIFAR-10 -------------------------------------------------------------------------
 class SplitGuard(Data):
     """A Data whose test split may not be read: any access is recorded and raises."""
@@ -272,3 +281,21 @@ def test_two_processes_share_one_study_and_one_teacher_within_the_budget(env):
     bench = yaml.safe_load((out / "tuned.yaml").read_text())
     assert f"validation top-1 {best.value:.2f}%" in bench["description"]
     assert sum("Wrote " in o for o in outputs) >= 1
+
+
+def test_ray_workers_share_one_study(env):
+    """`kdzoo tune --executor ray --workers 2` on a local Ray instance: two tasks search one study together."""
+    pytest.importorskip("ray", reason="the optional Ray executor (pip install 'kdzoo[ray]'); CI installs it")
+    mapping = with_(TINY, recipe__epochs=1, budget={"trials": 4}, search={"cohort": 1, "pruner": "none"})
+    path, out = write(env, mapping), env / "out"
+    proc = subprocess.run([sys.executable, "-m", "kdzoo", "tune", str(path), "--out", str(out), "--executor", "ray",
+                           "--workers", "2"], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Ray: 2 tuning worker(s)" in proc.stderr and "{'num_cpus': 1}" in proc.stderr
+    stored = stored_values(out / "study.db")
+    assert stored == {n: ("COMPLETE", stored[n][1]) for n in range(4)}
+    trials = tune_run.open_study(tune.prepare(path, load_plugins(strict=True)), out).get_trials()
+    assert len({t.user_attrs["worker"] for t in trials}) == 2 and all(t.value > 15 for t in trials)
+    best = max(trials, key=lambda t: (t.value, -t.number))
+    assert f"Best: trial {best.number}, kd " in proc.stdout and (out / "tuned.yaml").is_file()
