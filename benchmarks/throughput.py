@@ -30,6 +30,10 @@ Rows (images per second are medians over timed windows, after untimed warm-up wi
   then evaluates every member on quick's 2,000 test images at the default ``eval_batch_size`` and at
   1,000 (the default before 2026-12-03); the share is evaluation / (evaluation + training), with the
   training time scaled to quick's 5,000 training images.
+* **P9** a later cohort of logit-only methods (kd, dkd, dist: a ``kdzoo tune`` cohort's shape) reading the
+  teacher's training logits from the cache (``kdzoo.logit_cache``) against the same cohort running the teacher,
+  on P7's pair (wrn_40_2 -> wrn_16_2). The cached side runs the teacher on one batch per epoch (the check);
+  the cache is filled before timing.
 * **P6** the cost of each method's main-stage training step relative to ``ce`` (resnet56 ->
   resnet20, every first-party method with its defaults; an init stage is timed separately as
   ``<name> init``), and the peak memory of each: users choose methods by cost too.
@@ -58,6 +62,7 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import sys
 import time
 from dataclasses import dataclass, field
@@ -105,12 +110,13 @@ class Settings:
     anchor_workers: tuple[int, ...] = (0, 1, 2)  # DataLoader num_workers candidates for the anchor loops
     eval_images: int = 2000  # P8's test images (quick.yaml's test split)
     eval_train_images: int = 1000  # P8's training subset per window (its time is scaled to quick's 5,000)
+    p9_steps: int = 20  # P9's batches per window (one epoch; the cached side checks its first batch live)
 
 
 FULL = Settings()
 # window=2: a training subset of window x batch_size = 16 images, at least one per class (prepare_data requires it)
 QUICK = Settings(batch_size=8, window=2, windows=2, warmup=0, select_windows=1, data_images=1024,
-                 anchor_data_steps=2, matmul_n=256, matmul_reps=4, eval_images=40, eval_train_images=40)
+                 anchor_data_steps=2, matmul_n=256, matmul_reps=4, eval_images=40, eval_train_images=40, p9_steps=2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -463,7 +469,8 @@ def say(msg: str) -> None:
     print(f"[{time.perf_counter() - _T0:6.1f} s] {msg}", file=sys.stderr, flush=True)
 
 
-ROWS = ("P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8")
+ROWS = ("P1", "P2", "P3", "P4", "P5", "P6", "P7", "P8", "P9")
+LOGIT_COHORT = ("kd", "dkd", "dist")  # P9
 
 
 def run_benchmark(path: str, device: torch.device, s: Settings, only: tuple[str, ...] = ROWS,
@@ -591,6 +598,48 @@ def run_benchmark(path: str, device: torch.device, s: Settings, only: tuple[str,
                                f"per batch) vs a cohort per student ({len(CROSS_STUDENTS)} passes)",
                          p7["one cohort"], p7["per student"], r7, f"cost {r7:.2f}", "< 1", r7 < 1)
         del runners
+
+    # -- P9: teacher logits from the cache vs the teacher run live ------------------------------
+    if "P9" in only:
+        say(f"P9: a cohort of {', '.join(LOGIT_COHORT)} with the teacher's logits cached vs live ...")
+        teacher = build_student(registry, CROSS_TEACHER, {}, SEED + 1, num_classes=10).eval().requires_grad_(False)
+        student = CROSS_STUDENTS[0]
+        p9_data = prepare_data(load_cifar10(path), train_size=s.p9_steps * B, test_size=10, device=device)
+
+        def logit_members() -> list[Member]:
+            out = []
+            for m in LOGIT_COHORT:
+                net = build_student(registry, student, {}, SEED, num_classes=10)
+                out.append(Member(m, net, build_method(registry, m, {}, net.info, teacher.info, SEED,
+                                                       pair=(CROSS_TEACHER, student))))
+            return out
+
+        previous = os.environ.get("KDZOO_CACHE")
+        with tempfile.TemporaryDirectory() as tmp:  # never the user's cache
+            os.environ["KDZOO_CACHE"] = tmp
+            try:
+                say("  filling the cache ...")
+                writer = Trainer(logit_members()[:1], p9_data, recipe, teacher=teacher, seed=SEED, device=device,
+                                 teacher_key="p9")
+                for epoch in range(s.warmup + s.windows):
+                    writer.train_epoch(epoch)
+                cached = Trainer(logit_members(), p9_data, recipe, teacher=teacher, seed=SEED, device=device,
+                                 teacher_key="p9")
+                live = Trainer(logit_members(), p9_data, recipe, teacher=teacher, seed=SEED, device=device)
+                n = len(LOGIT_COHORT)
+                p9 = interleave({"cached": engine_runner(cached, n), "live": engine_runner(live, n)}, s.windows,
+                                s.warmup, mem, units={"cached": "member-img/s", "live": "member-img/s"})
+                assert cached.cached_epochs == list(range(s.warmup + s.windows)), cached.cached_epochs
+            finally:
+                if previous is None:
+                    os.environ.pop("KDZOO_CACHE", None)
+                else:
+                    os.environ["KDZOO_CACHE"] = previous
+        r9 = paired_ratio(p9["live"], p9["cached"])  # cached cost / live cost
+        p9["live"].label = "the same cohort running the teacher"
+        rows["P9"] = Row("P9", f"cohort of {'+'.join(LOGIT_COHORT)}, {CROSS_TEACHER}->{student}: teacher logits "
+                               f"from the cache (1 of {s.p9_steps} batches run live) vs live",
+                         p9["cached"], p9["live"], r9, f"cost {r9:.2f}", "< 1", r9 < 1)
 
     # -- P8: evaluation's share of a quick-benchmark epoch --------------------------------------
     if "P8" in only:

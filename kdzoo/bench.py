@@ -224,8 +224,10 @@ def run_cohort(cohort: Cohort, teacher: TeacherRecord, ctx: Context) -> None:
         members.append(Member(cohort.member_label(run), student, method,
                               origin=ctx.registry.describe_origin(run.variant.method)))
     observed = _observe(cohort, members, ctx)
+    bench = ctx.plan.bench
+    logit_key = cohort.teacher.key if bench.cache_teacher_logits or not bench.cohorts else None
     trainer = Trainer(members, ctx.data, cohort.recipe, teacher=teacher_net, seed=cohort.seed, device=ctx.device,
-                      progress=observed or ctx.progress)
+                      progress=observed or ctx.progress, teacher_key=logit_key)
     state_path = ctx.store.cohort_path(cohort.cohort_id)
     try:
         results = _run_trainer(trainer, state_path, ctx.say)

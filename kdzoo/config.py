@@ -285,6 +285,9 @@ class BenchConfig:
     teacher_recipe: dict[str, Any] = field(default_factory=dict)  # overrides for teachers
     student_recipe: dict[str, Any] = field(default_factory=dict)  # overrides for students
     cohorts: bool = True  # train runs that share (teacher, seed) together, across students
+    # keep the teacher's training logits on disk for later cohorts of logit-only methods (kdzoo.logit_cache);
+    # on anyway with cohorts: false; results are identical either way, so it is not in run ids
+    cache_teacher_logits: bool = False
     device: str = "auto"
     reference: Reference | None = None
     # run observers for every run (kdzoo.observers): names or {name: mlflow, <its options>}; not in run ids

@@ -27,6 +27,7 @@ from kdzoo import KDZooError
 from kdzoo.config import Recipe
 from kdzoo.data import Data
 from kdzoo.methods import Method
+from kdzoo.logit_cache import TeacherLogits
 from kdzoo.metrics import classification_metrics
 from kdzoo.models import KDNet, Outputs
 from kdzoo.precision import Precision
@@ -346,6 +347,7 @@ class Trainer:
         seed: int = 0,
         device: str | torch.device = "cpu",
         progress: Progress | None = None,
+        teacher_key: str | None = None,
     ) -> None:
         if not members:
             raise ValueError("a cohort needs at least one member")
@@ -378,6 +380,10 @@ class Trainer:
             teacher.to(self.device, memory_format=self.memory_format).eval().requires_grad_(False)
         self.epochs = max(m.init_epochs for m in members) + recipe.epochs  # global epochs of the cohort
         self._teacher_pred: dict[str, torch.Tensor] = {}
+        # The teacher's training logits on disk (kdzoo.logit_cache), when the caller names the teacher.
+        self.logit_cache = None if teacher_key is None or teacher is None else TeacherLogits.open(
+            teacher_key, seed, data, recipe.batch_size, recipe.flip, self.amp, self.device, self.memory_format)
+        self.cached_epochs: list[int] = []  # global epochs whose teacher logits came from the cache
 
     # -- evaluation ---------------------------------------------------------------------------
     def _autocast(self):
@@ -424,10 +430,15 @@ class Trainer:
             return "main", epoch - m.init_epochs
         return None
 
-    def _teacher_outputs(self, x: torch.Tensor, members: list[Member]) -> Outputs | None:
+    def _teacher_outputs(self, x: torch.Tensor, members: list[Member], cached: torch.Tensor | None = None,
+                         offset: int = 0) -> Outputs | None:
+        """The teacher's outputs on batch ``x`` for ``members`` (None when none needs it); from ``cached``, the
+        epoch's cached logits, at ``offset`` when given (the members then need nothing but logits)."""
         users = [m for m in members if m.method.needs_teacher]
         if self.teacher is None or not users:
             return None
+        if cached is not None:
+            return Outputs(logits=cached[offset:offset + len(x)].clone())
         asked: dict[str, bool] = {}
         for m in users:
             asked.update(wants(m.method))
@@ -484,6 +495,19 @@ class Trainer:
                 "the method's loss weights, or check the teacher checkpoint."
             )
 
+    def _cached_logits(self, epoch: int, members: list[Member]) -> tuple[torch.Tensor | None, list | None]:
+        """(the epoch's cached teacher logits or None, [] to record the live ones or None) for ``members``."""
+        users = [m for m in members if m.method.needs_teacher]
+        if self.logit_cache is None or not users:
+            return None, None
+        if any(wants(m.method) for m in users):  # features: the teacher runs; its logits are recorded
+            return None, []
+        cached = self.logit_cache.load(epoch, self.device)
+        if cached is None or len(cached) != min(self.steps_per_epoch * self.recipe.batch_size, len(self.data.train_x)):
+            return None, []
+        self.cached_epochs.append(epoch)
+        return cached, None
+
     def train_epoch(self, epoch: int) -> None:
         """Global epoch ``epoch`` (0-based): each member takes its step of the stage it is in."""
         stages: dict[str, tuple[str, int]] = {}
@@ -506,10 +530,25 @@ class Trainer:
         t_start = time.perf_counter()
         batches = self.data.train_batches(self.seed, epoch, self.recipe.batch_size, flip=self.recipe.flip,
                                           with_indices=True)
+        cached, recorded = self._cached_logits(epoch, members)
+        offset = steps = 0
         for step, (x, y, idx) in enumerate(batches):
             x = x.contiguous(memory_format=self.memory_format)
             running = [m for m in members if m.error is None]
-            t_out = self._teacher_outputs(x, running)
+            if cached is not None and step > 0:
+                t_out = self._teacher_outputs(x, running, cached, offset)
+            else:
+                t_out = self._teacher_outputs(x, running)
+                if cached is not None and (t_out is None or t_out.logits.shape != cached[:len(y)].shape
+                                           or not torch.equal(t_out.logits, cached[:len(y)])):
+                    cached, recorded = None, []  # not what this teacher computes here: live, and rewritten
+                    self.cached_epochs.remove(epoch)
+                if recorded is not None and t_out is None:  # no member needs the teacher any more
+                    recorded = None
+                elif recorded is not None:
+                    recorded.append(t_out.logits.clone())  # a copy: a method cannot alter what is cached
+            offset += len(y)
+            steps += 1
             for m in running:
                 try:
                     loss = self._step(m, stages[m.label][0], x, y, idx, t_out, sums[m.label])
@@ -531,6 +570,8 @@ class Trainer:
                     self._check_finite(m, pending.pop(m.label), sums[m.label], epoch, self.steps_per_epoch - 1)
                 except KDZooError as e:
                     m.error = str(e)
+        if recorded and steps == self.steps_per_epoch:  # a whole epoch of the teacher's logits
+            self.logit_cache.save(epoch, torch.cat(recorded))
         wall = time.perf_counter() - t_start
         records = {}
         for m in members:

@@ -189,8 +189,9 @@ def train_trials(setup: TuneSetup, registry: Any, study: Any, trials: list[Any],
                                       origin=registry.describe_origin(method))))
     if not members:
         return
+    # Every cohort of a search sees the same batches: the teacher's logits are cached after the first one.
     trainer = Trainer([m for _, m in members], view, recipe, teacher=teacher, seed=cfg.seed, device=setup.device,
-                      progress=progress)
+                      progress=progress, teacher_key=setup.plan.teachers[0].key)
 
     def main_epochs(m: Any) -> list[dict[str, Any]]:
         return [r for r in m.history if r.get("stage", "main") == "main"]

@@ -239,6 +239,8 @@ def uninterrupted(cifar_path, tmp_path_factory):
     cfg.write_text(yaml.safe_dump({**TINY, "cohorts": False}))
     env = {**os.environ, "KDZOO_CACHE": str(root / "cache"), "KDZOO_DATA": cifar_path}
     subprocess.run(_bench_cmd(cfg, root / "ref"), env=env, check=True, capture_output=True)
+    # cohorts: false keeps the teacher's training logits (one file per epoch): the resumed runs below read them
+    assert len(list((root / "cache" / "teacher-logits").glob("*/epoch-*.pt"))) == TINY["recipe"]["epochs"]
     for p in _students(root / "ref"):  # the command set OpenMP's passive wait before torch loaded
         policy = json.loads(p.read_text())["environment"]["omp_wait_policy"]
         assert policy == os.environ.get("OMP_WAIT_POLICY", "passive").upper()

@@ -25,6 +25,7 @@ def bench():
 def test_quick_run_has_every_row_with_finite_positive_ratios(bench, cifar_path, monkeypatch, tmp_path, capsys,
                                                               one_thread):
     monkeypatch.setenv("KDZOO_DATA", cifar_path)
+    monkeypatch.setenv("KDZOO_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "t.json"
     result = bench["main"](["--quick", "--json", str(out)])
 
@@ -51,6 +52,9 @@ def test_quick_run_has_every_row_with_finite_positive_ratios(bench, cifar_path, 
     assert rows["P2"]["ratio"] == pytest.approx(paired("P2", ours_over_base=False))  # cohort cost / separate cost
     assert rows["P3"]["ratio"] == pytest.approx(1 - paired("P3"))
     assert rows["P5"]["ratio"] == pytest.approx(paired("P5"))
+    assert rows["P9"]["ratio"] == pytest.approx(paired("P9", ours_over_base=False))  # cached cost / live cost
+    assert rows["P9"]["ratio"] > 0
+    assert not (tmp_path / "cache" / "teacher-logits").exists()  # P9 fills a temporary cache, not the user's
 
     # P5 counts resnet20's forward by hand: multiply-adds of each conv (C_in * C_out * k * k * H_out * W_out)
     # and the classifier, two FLOPs each.
@@ -76,5 +80,5 @@ def test_missing_data_is_a_clear_error(bench, monkeypatch):
 
 def test_unknown_row_is_a_clear_error(bench, cifar_path, monkeypatch):
     monkeypatch.setenv("KDZOO_DATA", cifar_path)
-    with pytest.raises(KDZooError, match="unknown rows P9"):
-        bench["main"](["--quick", "--only", "P1,P9"])
+    with pytest.raises(KDZooError, match="unknown rows P10"):
+        bench["main"](["--quick", "--only", "P1,P10"])
