@@ -31,7 +31,7 @@ import kdzoo
 from kdzoo import cache_dir
 from kdzoo.checkpoint import file_lock, load_checkpoint, save_checkpoint
 from kdzoo.data import Data
-from kdzoo.engine import Member, Progress, Trainer, count_params
+from kdzoo.engine import Member, Progress, Trainer, count_params, wants
 from kdzoo.estimate import estimate_seconds
 from kdzoo.models import KDNet
 from kdzoo.observers import ObservedProgress, ObserverSet, RunInfo, resolve_observers
@@ -197,6 +197,13 @@ def _observe_teacher(job: TeacherJob, run_id: str, member: Member, ctx: Context)
     return ObservedProgress(ctx.progress, {member.label: observers}, [member])
 
 
+def _reads_logits_only(cohort: Cohort, registry: Registry) -> bool:
+    """Whether ``cohort`` needs nothing of its teacher but its logits: it could read them from the cache of
+    another cohort of the same teacher and seed (kdzoo.logit_cache), which is then worth keeping."""
+    users = [m for m in (registry.method(r.variant.method) for r in cohort.runs) if m.needs_teacher]
+    return bool(users) and not any(wants(m) for m in users)
+
+
 def run_cohort(cohort: Cohort, teacher: TeacherRecord, ctx: Context) -> None:
     """Train the cohort's unfinished runs (resuming if possible) and write one record per run."""
     ref = TeacherRef(model=cohort.teacher.model, key=cohort.teacher.key, params=teacher.params,
@@ -224,8 +231,9 @@ def run_cohort(cohort: Cohort, teacher: TeacherRecord, ctx: Context) -> None:
         members.append(Member(cohort.member_label(run), student, method,
                               origin=ctx.registry.describe_origin(run.variant.method)))
     observed = _observe(cohort, members, ctx)
-    bench = ctx.plan.bench
-    logit_key = cohort.teacher.key if bench.cache_teacher_logits or not bench.cohorts else None
+    siblings = [c for c in ctx.plan.cohorts if c.teacher.key == cohort.teacher.key and c.seed == cohort.seed]
+    keep = len(siblings) > 1 and any(_reads_logits_only(c, ctx.registry) for c in siblings)
+    logit_key = cohort.teacher.key if ctx.plan.bench.cache_teacher_logits or keep else None
     trainer = Trainer(members, ctx.data, cohort.recipe, teacher=teacher_net, seed=cohort.seed, device=ctx.device,
                       progress=observed or ctx.progress, teacher_key=logit_key)
     state_path = ctx.store.cohort_path(cohort.cohort_id)
@@ -236,6 +244,8 @@ def run_cohort(cohort: Cohort, teacher: TeacherRecord, ctx: Context) -> None:
             observed.end_all(e)
         raise
     env = environment(ctx.device, precision=trainer.precision)
+    if trainer.logit_cache is not None:  # the cohort's epochs (trained by this process) that read the teacher's logits
+        env["teacher_logits_from_cache"] = len(trainer.cached_epochs)
     for run, member, result in zip(cohort.runs, members, results):
         if ctx.store.has_run(run.run_id):
             continue  # written before an interruption

@@ -285,8 +285,11 @@ class BenchConfig:
     teacher_recipe: dict[str, Any] = field(default_factory=dict)  # overrides for teachers
     student_recipe: dict[str, Any] = field(default_factory=dict)  # overrides for students
     cohorts: bool = True  # train runs that share (teacher, seed) together, across students
-    # keep the teacher's training logits on disk for later cohorts of logit-only methods (kdzoo.logit_cache);
-    # on anyway with cohorts: false; results are identical either way, so it is not in run ids
+    # at most this many runs per cohort (None: no cap): smaller cohorts fit a smaller GPU, and more of them give
+    # Ray more tasks to spread over GPUs; results are identical either way (not in run ids)
+    cohort_size: int | None = None
+    # keep the teacher's training logits on disk for later cohorts of logit-only methods (kdzoo.logit_cache); on
+    # anyway where a (teacher, seed) has several cohorts (cohorts: false, cohort_size); not in run ids
     cache_teacher_logits: bool = False
     device: str = "auto"
     reference: Reference | None = None

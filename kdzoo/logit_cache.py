@@ -3,8 +3,9 @@
 Batches are a pure function of (seed, epoch), so the frozen teacher's logits on them are too. A cohort whose
 members need nothing of the teacher but its logits (methods without a ``needs_*`` output flag: kd, dkd, dist...)
 reads an epoch's logits from here instead of running the teacher. Where it pays: ``kdzoo tune`` (every cohort of
-trials after the first), and in ``kdzoo bench`` with ``cohorts: false`` or ``cache_teacher_logits: true`` (a
-rerun with one more logit method). Any cohort that runs the teacher over a whole epoch writes that epoch.
+trials after the first), and in ``kdzoo bench`` where a teacher and seed have several cohorts (``cohorts: false``,
+``cohort_size``) one of which needs only logits, or with ``cache_teacher_logits: true`` (a rerun with one more
+logit method). A cohort with the cache on writes every epoch it runs the teacher over.
 
 Exact, by construction and by check: the key holds everything the logits depend on (the teacher's cache key,
 the seed, a digest of the training images, the batch size, the flip rule and augmentation, the normalisation,

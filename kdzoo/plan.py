@@ -244,6 +244,9 @@ def expand(bench: BenchConfig, data: DataShape, registry: Registry) -> Plan:
                 f"seeds[{bench.seeds.index(seed)}] and seeds[{j}] are both {seed}: a seed trains identical runs, so "
                 "a repeated one adds no sample to the mean ± std. Remove the duplicate or use another seed."
             )
+    if bench.cohort_size is not None and bench.cohort_size < 1:
+        raise KDZooError(f"cohort_size is {bench.cohort_size}: it caps the runs trained together on one teacher "
+                         "pass and must be at least 1 (leave it out for no cap; `cohorts: false` is 1).")
     variants = expand_variants(bench.methods)
     teacher_specs = [_as_spec(TeacherSpec, t, f"teachers[{i}]") for i, t in enumerate(bench.teachers)]
     student_specs = [_as_spec(StudentSpec, s, f"students[{i}]") for i, s in enumerate(bench.students)]
@@ -303,7 +306,9 @@ def expand(bench: BenchConfig, data: DataShape, registry: Registry) -> Plan:
                 by_teacher.setdefault((t_name, seed), []).append(RunSpec(run_id, v, seed, student, origin))
     cohorts: list[Cohort] = []
     for (t_name, seed), runs in by_teacher.items():
-        groups = [runs] if bench.cohorts else [[r] for r in runs]
+        size = len(runs) if bench.cohorts else 1
+        size = min(size, bench.cohort_size or size)
+        groups = [runs[i:i + size] for i in range(0, len(runs), size)]
         for group in groups:
             cohorts.append(Cohort(cohort_id(group), teachers[t_name], seed, student_recipe, group))
     return Plan(bench, data, list(teachers.values()), cohorts, variants, pairs)

@@ -12,6 +12,7 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from kdzoo import KDZooError, hookimpl
@@ -85,6 +86,16 @@ def test_plan_expansion_sweeps_and_baseline():
     solo = plan_of({**TINY, "cohorts": False})
     assert len(solo.cohorts) == 3 and all(len(c.runs) == 1 for c in solo.cohorts)
     assert {r.run_id for r in solo.runs} == {r.run_id for r in plan_of(TINY).runs}  # cohorts don't change results
+    wide = {**TINY, "students": ["wrn_16_1", "resnet20"], "seeds": [0, 1],
+            "methods": ["fitnets", {"name": "kd", "T": [2, 4, 8], "w_kd": 0.9}]}
+    capped = plan_of({**wide, "cohort_size": 4})  # each (teacher, seed)'s 10 runs in cohorts of at most 4
+    assert [len(c.runs) for c in capped.cohorts] == [4, 4, 2, 4, 4, 2]
+    assert [r.run_id for r in capped.runs] == [r.run_id for r in plan.runs]
+    assert [len(c.runs) for c in plan_of({**wide, "cohort_size": 99}).cohorts] == [10, 10]
+    for bad, message in ((0, "cohort_size is 0: .* must be at least 1"), (-2, "cohort_size is -2"),
+                         (True, "cohort_size must be an integer or null, got True")):
+        with pytest.raises(KDZooError, match=message):
+            plan_of({**wide, "cohort_size": bad})
     labelled = plan_of({**TINY, "methods": [{"name": "kd", "label": "hinton", "T": [2, 4], "w_kd": 0.5}]})
     assert [v.label for v in labelled.variants] == ["ce", "hinton(T=2)", "hinton(T=4)"]
     assert labelled.variants[1].hparams == {"T": 2, "w_kd": 0.5}
@@ -322,6 +333,29 @@ def test_one_runner_per_folder(tmp_path):
                 pass
     with store.lock():  # released on exit
         pass
+
+
+def test_capped_cohorts_give_the_same_runs_reading_the_teachers_logits(uninterrupted, tmp_path):
+    """cohort_size: 2 splits (ce, kd, attention) into [ce, kd] and [attention]; [ce, kd] reads the teacher's
+    logits that the reference run cached; every record equals the reference but for its cohort id."""
+    cfg, env, reference = uninterrupted
+    capped = tmp_path / "capped.yaml"
+    capped.write_text(yaml.safe_dump({**yaml.safe_load(cfg.read_text()), "cohorts": True, "cohort_size": 2}))
+    cached = sorted(Path(env["KDZOO_CACHE"]).glob("teacher-logits/*/epoch-*.pt"))
+    proc = subprocess.run(_bench_cmd(capped, tmp_path / "out"), env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "3 runs in 2 cohorts" in " ".join(proc.stdout.split())
+
+    def without_cohort(snapshot):
+        return {k: {f: v for f, v in r.items() if f != "cohort_id"} for k, r in snapshot.items()}
+
+    assert without_cohort(_store_snapshot(tmp_path / "out")) == without_cohort(reference)
+    # [ce, kd] read all three epochs' logits; [attention] ran the teacher (it needs features)
+    read = {json.loads(p.read_text())["variant"]: json.loads(p.read_text())["environment"]["teacher_logits_from_cache"]
+            for p in _students(tmp_path / "out")}
+    assert read == {"ce": 3, "kd": 3, "attention": 0}
+    assert sorted(Path(env["KDZOO_CACHE"]).glob("teacher-logits/*/epoch-*.pt")) == cached
+    assert [torch.load(p, weights_only=True).shape[0] for p in cached] == [384] * 3
 
 
 def test_ray_executor_gives_the_same_store(uninterrupted, tmp_path):
