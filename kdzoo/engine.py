@@ -26,8 +26,8 @@ from torch import nn
 from kdzoo import KDZooError
 from kdzoo.config import Recipe
 from kdzoo.data import Data
-from kdzoo.methods import Method
 from kdzoo.logit_cache import TeacherLogits
+from kdzoo.methods import Method
 from kdzoo.metrics import classification_metrics
 from kdzoo.models import KDNet, Outputs
 from kdzoo.precision import Precision

@@ -42,6 +42,7 @@ class TeacherLogits:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
+        self.unwritable = False
 
     @classmethod
     def open(cls, teacher_key: str, seed: int, data: Data, batch_size: int, flip: str, dtype: torch.dtype | None,
@@ -67,5 +68,14 @@ class TeacherLogits:
             return None
         return logits.to(device) if isinstance(logits, torch.Tensor) and logits.dim() == 2 else None
 
-    def save(self, epoch: int, logits: torch.Tensor) -> None:
-        atomic_write(self.path(epoch), lambda tmp: torch.save(logits.detach().cpu(), tmp))
+    def save(self, epoch: int, logits: torch.Tensor) -> bool:
+        """Write the epoch's logits atomically; False (and no more attempts) where the cache cannot be written:
+        a cache is an optimisation, never a reason for a run to fail."""
+        if self.unwritable:
+            return False
+        try:
+            atomic_write(self.path(epoch), lambda tmp: torch.save(logits.detach().cpu(), tmp))
+        except OSError:
+            self.unwritable = True
+            return False
+        return True

@@ -17,8 +17,9 @@ resumes after any interruption without redoing a finished trial, and several pro
 * **Sharing.** Processes on one study ask for trials one at a time (an OS lock beside ``study.db``); running
   trials count against the budget, so together they never exceed it. A process that finds trials asked by
   another since its own last ask reseeds its sampler with the study's trial count, so two processes started
-  together (same seed) do not draw the same points; a lone process keeps one reproducible stream. Each process tells Optuna its trials'
-  results before it reads the study back, so the last one to finish sees every trial finished.
+  together (same seed) do not draw the same points; a lone process keeps one reproducible stream. Each
+  process tells Optuna its trials' results before it reads the study back, so the last one to finish sees
+  every trial finished (``kdzoo tune`` writes ``tuned.yaml`` only then).
 """
 from __future__ import annotations
 

@@ -139,3 +139,13 @@ def test_the_key_covers_what_the_logits_depend_on(data, tmp_path, cifar_path):
     other = prepare_data(load_cifar10(cifar_path), train_size=256, test_size=200, subset_seed=1)
     assert folder(data=other) != base  # other training images
 
+
+
+def test_a_cache_that_cannot_be_written_does_not_stop_training(registry, data, tmp_path, monkeypatch):
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache folder would be")
+    monkeypatch.setenv("KDZOO_CACHE", str(blocked))
+    teacher = teacher_net(registry)
+    histories, trainer, _ = train(registry, data, teacher, ["kd"], key="teacher-a")
+    assert trainer.logit_cache.unwritable and trainer.cached_epochs == []
+    assert histories == train(registry, data, teacher, ["kd"], key=None)[0]
