@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import weakref
 from pathlib import Path
 
 import torch
@@ -26,15 +27,16 @@ from kdzoo import cache_dir
 from kdzoo.checkpoint import atomic_write
 from kdzoo.data import Data
 
-_DIGESTS: dict[tuple, str] = {}
+_DIGESTS: dict[int, str] = {}  # id(tensor) -> digest, dropped when the tensor is freed (its id may be reused)
 
 
 def images_digest(x: torch.Tensor) -> str:
-    """blake2b of a uint8 image tensor's bytes (memoised per tensor for the life of the process)."""
-    memo = (x.data_ptr(), tuple(x.shape), x.device.type)
-    if memo not in _DIGESTS:
-        _DIGESTS[memo] = hashlib.blake2b(x.contiguous().cpu().numpy().tobytes(), digest_size=16).hexdigest()
-    return _DIGESTS[memo]
+    """blake2b of a uint8 image tensor's bytes (memoised for as long as the tensor lives; data tensors are
+    read-only by contract, see ``kdzoo.data.Data``)."""
+    if id(x) not in _DIGESTS:
+        _DIGESTS[id(x)] = hashlib.blake2b(x.contiguous().cpu().numpy().tobytes(), digest_size=16).hexdigest()
+        weakref.finalize(x, _DIGESTS.pop, id(x), None)
+    return _DIGESTS[id(x)]
 
 
 class TeacherLogits:

@@ -149,3 +149,21 @@ def test_a_cache_that_cannot_be_written_does_not_stop_training(registry, data, t
     histories, trainer, _ = train(registry, data, teacher, ["kd"], key="teacher-a")
     assert trainer.logit_cache.unwritable and trainer.cached_epochs == []
     assert histories == train(registry, data, teacher, ["kd"], key=None)[0]
+
+
+def test_the_images_digest_is_of_the_bytes_and_forgotten_with_the_tensor():
+    import gc
+    import hashlib
+
+    from kdzoo.logit_cache import _DIGESTS, images_digest
+
+    def expected(t):
+        return hashlib.blake2b(t.numpy().tobytes(), digest_size=16).hexdigest()
+
+    for _ in range(3):  # a freed tensor's memory (and id) is often reused by the next one of its size
+        x = torch.randint(0, 256, (8, 3, 4, 4), dtype=torch.uint8)
+        assert images_digest(x) == expected(x) and id(x) in _DIGESTS
+        key = id(x)
+        del x
+        gc.collect()
+        assert key not in _DIGESTS
