@@ -129,22 +129,17 @@ def ensure_teacher(job: TeacherJob, ctx: Context) -> TeacherRecord:
         record = TeacherRecord(run_id=run_id, key=job.key, model=job.model, seed=job.seed, status="ok",
                                source="checkpoint", checkpoint=job.checkpoint, params=count_params(net), last=last,
                                provenance=job.provenance)
-    elif (cached := cached_teacher(job)) is not None:
-        ctx.say("teacher", f"{job.model}: cached ({job.dir})")
-        record = cached
     else:
-        lock = job.dir / ".train.lock"
-        with file_lock(lock, blocking=False) as free:
-            pass
-        if not free:
-            ctx.say("teacher", f"{job.model}: another process is training it; waiting to reuse it")
-        with file_lock(lock):
-            cached = cached_teacher(job)  # trained by the process this one waited for
-            if cached is not None:
-                ctx.say("teacher", f"{job.model}: cached ({job.dir})")
-                record = cached
-            else:
-                return _train_teacher(job, run_id, ctx)
+        record = cached_teacher(job)
+        if record is None:
+            def waiting() -> None:
+                ctx.say("teacher", f"{job.model}: another process is training it; waiting to reuse it")
+
+            with file_lock(job.dir / ".train.lock", on_wait=waiting):
+                record = cached_teacher(job)  # trained meanwhile by the process this one waited for
+                if record is None:
+                    return _train_teacher(job, run_id, ctx)
+        ctx.say("teacher", f"{job.model}: cached ({job.dir})")
     ctx.store.write_run(record)
     return record
 

@@ -21,7 +21,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -56,17 +56,22 @@ def file_sha256(path: str | Path) -> str:
 
 
 @contextlib.contextmanager
-def file_lock(path: str | Path, blocking: bool = True) -> Iterator[bool]:
+def file_lock(path: str | Path, blocking: bool = True, on_wait: Callable[[], None] | None = None) -> Iterator[bool]:
     """Hold an OS lock (``flock``) on ``path`` for the ``with`` block; yields whether it was acquired (always
-    True when ``blocking``). A killed process releases it at once, so no stale lock is left behind."""
+    True when ``blocking``, after calling ``on_wait()`` if another process holds it). A killed process
+    releases it at once, so no stale lock is left behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            yield False
-            return
+            if not blocking:
+                yield False
+                return
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield True
         finally:
