@@ -517,10 +517,9 @@ def cmd_tune(args: argparse.Namespace, registry: Registry) -> int:
                          "--executor ray and a count of at least 1 (a local search is one process; start "
                          "`kdzoo tune` again with the same --out to add another).")
     if args.executor == "ray":
-        import importlib.util
+        from kdzoo.distributed import require_ray
 
-        if importlib.util.find_spec("ray") is None:
-            raise KDZooError('--executor ray needs Ray: pip install "kdzoo[ray]" (or pip install ray).')
+        require_ray()  # before the data is loaded
     setup = tune.prepare(args.file, registry, device=args.device, data_source=args.data)
     out = ensure_writable_dir(Path(args.out or f"runs/tune/{setup.config.name}"), "results (--out)")
     _warn_if_busy()

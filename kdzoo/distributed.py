@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from kdzoo import KDZooError
 from kdzoo.bench import Context, ensure_teacher, run_cohort, teachers_to_ensure
@@ -46,16 +47,32 @@ def _task(kind: str, plan: Plan, item: TeacherJob | Cohort, teacher: TeacherReco
     return item.cohort_id
 
 
-def _init_ray(address: str | None) -> tuple[object, dict]:
-    """Ray, connected (``address``) or started locally, with kdzoo's environment passed to its workers."""
+def require_ray() -> Any:
+    """The ``ray`` module; ``KDZooError`` with the install command when it is missing."""
     try:
         import ray
     except ImportError as e:
         raise KDZooError('The Ray executor needs Ray: pip install "kdzoo[ray]" (or pip install ray).') from e
+    return ray
+
+
+def _init_ray(address: str | None) -> tuple[Any, dict]:
+    """Ray, connected (``address``) or started locally, with kdzoo's environment passed to its workers."""
+    ray = require_ray()
     env = {k: v for k, v in os.environ.items() if k.startswith("KDZOO_") or k == "OMP_WAIT_POLICY"}
     ray.init(address=address, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": env})
     return ray, ray.cluster_resources()
+
+
+def _task_resources(ray: Any, resources: dict, per_node: int = 1) -> tuple[dict, int]:
+    """(Ray options, torch threads) of one task: a GPU each where the cluster has GPUs; else the smallest node's
+    CPUs shared by ``per_node`` tasks (oversubscribed CPUs slow training more than tenfold)."""
+    if resources.get("GPU", 0) >= 1:
+        return {"num_gpus": 1, "num_cpus": 1}, 1
+    cpus = min(int(n["Resources"].get("CPU", 1)) for n in ray.nodes() if n["Alive"])
+    threads = max(1, cpus // per_node)
+    return {"num_cpus": threads}, threads
 
 
 def _tune_task(file: str, out: str, device: str | None, data_source: str | None, disabled: list[str],
@@ -81,16 +98,9 @@ def tune_on_ray(file: str | Path, out: Path, registry: object, *, address: str |
     ``out`` and ``$KDZOO_CACHE`` must be on a file system every worker sees."""
     ray, resources = _init_ray(address)
     gpus = int(resources.get("GPU", 0))
-    nodes = [n for n in ray.nodes() if n["Alive"]]
-    node_cpus = min(int(n["Resources"].get("CPU", 1)) for n in nodes)
-    if workers is None:
-        workers = gpus or len(nodes)
-    if gpus:
-        options, threads = {"num_gpus": 1, "num_cpus": 1}, 1
-    else:  # the node's CPUs shared by its workers: oversubscribed CPUs slow training tenfold
-        per_node = max(1, -(-workers // len(nodes)))
-        threads = max(1, node_cpus // per_node)
-        options = {"num_cpus": threads}
+    nodes = sum(n["Alive"] for n in ray.nodes())
+    workers = workers or gpus or nodes
+    options, threads = _task_resources(ray, resources, per_node=-(-workers // nodes))
     say("cohort", f"Ray: {workers} tuning worker(s) on {gpus} GPU(s), {resources.get('CPU', 0):.0f} CPU(s); "
                   f"each takes {options}")
     task = ray.remote(max_retries=0, **options)(_tune_task)
@@ -110,11 +120,7 @@ class RayExecutor:
 
     def __call__(self, ctx: Context, todo: list[Cohort]) -> None:
         ray, resources = _init_ray(self.address)
-        if resources.get("GPU", 0) >= 1:
-            options, threads = {"num_gpus": 1, "num_cpus": 1}, 1
-        else:  # one task per node: concurrent CPU training processes slow each other more than tenfold
-            cpus = min(int(n["Resources"].get("CPU", 1)) for n in ray.nodes() if n["Alive"])
-            options, threads = {"num_cpus": cpus}, cpus
+        options, threads = _task_resources(ray, resources)  # on CPUs: one task per node
         task = ray.remote(max_retries=0, **options)(_task)
         disabled = [p.name for p in ctx.registry.plugins if p.disabled]
         root = str(Path(ctx.store.root).resolve())
