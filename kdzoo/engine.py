@@ -495,6 +495,11 @@ class Trainer:
                 "the method's loss weights, or check the teacher checkpoint."
             )
 
+    @property
+    def _images_per_epoch(self) -> int:
+        """Training images one epoch's batches hold (the last partial batch is dropped)."""
+        return min(self.steps_per_epoch * self.recipe.batch_size, len(self.data.train_x))
+
     def _cached_logits(self, epoch: int, members: list[Member]) -> tuple[torch.Tensor | None, list | None]:
         """(the epoch's cached teacher logits or None, [] to record the live ones or None) for ``members``."""
         users = [m for m in members if m.method.needs_teacher]
@@ -503,7 +508,7 @@ class Trainer:
         if any(wants(m.method) for m in users):  # features: the teacher runs; its logits are recorded
             return None, []
         cached = self.logit_cache.load(epoch, self.device)
-        if cached is None or len(cached) != min(self.steps_per_epoch * self.recipe.batch_size, len(self.data.train_x)):
+        if cached is None or len(cached) != self._images_per_epoch:
             return None, []
         self.cached_epochs.append(epoch)
         return cached, None
@@ -531,7 +536,7 @@ class Trainer:
         batches = self.data.train_batches(self.seed, epoch, self.recipe.batch_size, flip=self.recipe.flip,
                                           with_indices=True)
         cached, recorded = self._cached_logits(epoch, members)
-        offset = steps = 0
+        offset = 0
         for step, (x, y, idx) in enumerate(batches):
             x = x.contiguous(memory_format=self.memory_format)
             running = [m for m in members if m.error is None]
@@ -548,7 +553,6 @@ class Trainer:
                 elif recorded is not None:
                     recorded.append(t_out.logits.clone())  # a copy: a method cannot alter what is cached
             offset += len(y)
-            steps += 1
             for m in running:
                 try:
                     loss = self._step(m, stages[m.label][0], x, y, idx, t_out, sums[m.label])
@@ -570,7 +574,7 @@ class Trainer:
                     self._check_finite(m, pending.pop(m.label), sums[m.label], epoch, self.steps_per_epoch - 1)
                 except KDZooError as e:
                     m.error = str(e)
-        if recorded and steps == self.steps_per_epoch:  # a whole epoch of the teacher's logits
+        if recorded and offset == self._images_per_epoch:  # a whole epoch of the teacher's logits
             self.logit_cache.save(epoch, torch.cat(recorded))
         wall = time.perf_counter() - t_start
         records = {}
