@@ -1,18 +1,24 @@
 """What bf16 autocast costs in accuracy: the same runs in float32 and in bf16, side by side.
 
     KDZOO_DATA=/path/to/cifar10.npz python benchmarks/bf16_accuracy.py [--epochs 3] [--seeds 0,1]
-        [--model resnet20] [--train-size N] [--json PATH]
+        [--model resnet20] [--train-size N] [--bf16 auto|native|emulated] [--json PATH]
 
 Each seed trains ``--model`` with ``ce`` on (a stratified subset of) real CIFAR-10 twice, once with
 ``autocast: off`` and once with ``autocast: bf16``; everything else is identical (initial weights,
 batches, schedule). It prints the test top-1 of every run (last and best epoch) and the paired
-difference bf16 − float32 per seed. On a CPU without native bf16 (no AMX-BF16 or AVX512-BF16) the
-bf16 arithmetic is emulated: slower, but rounded the same way, so the accuracy comparison holds; the
-table names the CPU and its capabilities.
+difference bf16 - float32 per seed.
+
+``--bf16 native`` uses torch's bf16 kernels. ``emulated`` keeps autocast's real bf16 path for every
+op but computes each convolution and matrix product (forward and backward) the way bf16 hardware
+does: bf16 operands, products and sums in float32, one rounding of the result to bf16 (AMX,
+AVX512-BF16 and GPU tensor cores; only the order of the sums differs). ``auto`` (the default) is
+native where the CPU has AMX-BF16 or AVX512-BF16 and emulated elsewhere: on an AVX2-only CPU torch's
+own bf16 kernels are about 12x slower and, in the backward pass, round more often than bf16 hardware.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -20,6 +26,8 @@ import time
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
 
 from kdzoo.config import Recipe
 from kdzoo.data import prepare_data
@@ -30,14 +38,48 @@ from kdzoo.runner import build_method, build_student
 from kdzoo_plugins.cifar10 import load_cifar10
 
 
-def run(model: str, seed: int, autocast: str, epochs: int, data: Any, registry: Any) -> dict[str, Any]:
+_aten = torch.ops.aten
+# inference mode hands composite ops (conv2d, linear) to the mode before they decompose
+_MATMULS = {_aten.convolution.default, _aten.convolution_backward.default, _aten.conv1d.default,
+            _aten.conv2d.default, _aten.conv3d.default, _aten.linear.default, _aten.matmul.default,
+            _aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default}
+
+
+class EmulatedBF16(TorchDispatchMode):
+    """Inside it, a convolution or matrix product given bf16 tensors computes in float32 on their (exact)
+    bf16 values and rounds each result to bf16: what a bf16 kernel with float32 accumulation returns.
+    Every other op runs as it is (autocast's own bf16 path)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _MATMULS and any(isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16 for a in args):
+            def up(a: Any) -> Any:
+                return a.float() if isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16 else a
+
+            def down(o: Any) -> Any:
+                return o.to(torch.bfloat16) if isinstance(o, torch.Tensor) and o.dtype == torch.float32 else o
+            return tree_map(down, func(*tree_map(up, args), **tree_map(up, kwargs)))
+        return func(*args, **kwargs)
+
+
+def native_bf16() -> str:
+    """The CPU's native bf16 instructions, comma-separated, or ``""``."""
+    caps = cpu_capabilities()
+    return ", ".join(k for k in ("amx_bf16", "avx512_bf16") if caps.get(k))
+
+
+def run(model: str, seed: int, autocast: str, epochs: int, data: Any, registry: Any,
+        emulate: bool = False) -> dict[str, Any]:
     student = build_student(registry, model, {}, seed, num_classes=10)
     member = Member(f"{model}/{autocast}", student, build_method(registry, "ce", {}, student.info, None, seed))
     recipe = Recipe(epochs=epochs, batch_size=128, lr=0.1, schedule="cosine", weight_decay=5e-4, autocast=autocast)
     t0 = time.perf_counter()
-    (result,) = Trainer([member], data, recipe, seed=seed).fit()
-    return {"seed": seed, "autocast": autocast, "last": result["last"]["top1"], "best": result["best"]["top1"],
-            "wall_s": time.perf_counter() - t0, "status": result["status"]}
+    trainer = Trainer([member], data, recipe, seed=seed)
+    with EmulatedBF16() if emulate and autocast == "bf16" else contextlib.nullcontext():
+        (result,) = trainer.fit()
+    return {"seed": seed, "autocast": autocast, "dtype": trainer.precision.name,
+            "emulated": emulate and autocast == "bf16", "last": result["last"]["top1"],
+            "best": result["best"]["top1"], "wall_s": time.perf_counter() - t0, "status": result["status"]}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -47,17 +89,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--train-size", type=int, default=None, help="default: all 50,000 training images")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--bf16", choices=("auto", "native", "emulated"), default="auto",
+                   help="bf16 kernels: torch's own, or emulated at the kernel level (default: native only on "
+                        "a CPU with AMX-BF16 or AVX512-BF16)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    caps = cpu_capabilities()
-    bf16 = ", ".join(k for k in ("amx_bf16", "avx512_bf16") if caps.get(k)) or "none (bf16 emulated)"
-    print(f"CPU: {cpu_name()}; native bf16: {bf16}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    native = native_bf16()
+    cpu = torch.device(args.device).type == "cpu"
+    emulate = args.bf16 == "emulated" or (args.bf16 == "auto" and cpu and not native)
+    how = "emulated (float32 accumulation, bf16 results)" if emulate else "torch's native kernels"
+    where = "" if cpu else f"{torch.cuda.get_device_name()}; "
+    print(f"{where}CPU: {cpu_name()}; native bf16: {native or 'none'}; bf16 runs: {how}; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads", flush=True)
     registry = load_plugins()
-    data = prepare_data(load_cifar10(args.data), train_size=args.train_size)
+    data = prepare_data(load_cifar10(args.data), train_size=args.train_size, device=args.device)
     runs = []
     for seed in (int(s) for s in args.seeds.split(",")):
         for autocast in ("off", "bf16"):
-            runs.append(run(args.model, seed, autocast, args.epochs, data, registry))
+            runs.append(run(args.model, seed, autocast, args.epochs, data, registry, emulate))
             r = runs[-1]
             print(f"  seed {seed} {'float32' if autocast == 'off' else 'bf16':>7}: last {r['last']:.2f}%, best "
                   f"{r['best']:.2f}% ({r['wall_s']:.0f} s)", flush=True)
@@ -65,9 +115,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     seeds = sorted({r["seed"] for r in runs})
     deltas = [by[(s, "bf16")]["last"] - by[(s, "off")]["last"] for s in seeds]
     print(f"{args.model}, {args.epochs} epochs on {len(data.train_y):,} images, test on {len(data.test_y):,}: "
-          f"bf16 - float32 (last epoch) per seed: {', '.join(f'{d:+.2f}' for d in deltas)}; mean {statistics.fmean(deltas):+.2f}")
-    result = {"cpu": cpu_name(), "bf16": bf16, "model": args.model, "epochs": args.epochs, "runs": runs,
-              "delta_last": deltas}
+          f"bf16 - float32 (last epoch) per seed: {', '.join(f'{d:+.2f}' for d in deltas)}; "
+          f"mean {statistics.fmean(deltas):+.2f}")
+    result = {"cpu": cpu_name(), "device": args.device, "native_bf16": native, "bf16_emulated": emulate,
+              "model": args.model, "epochs": args.epochs, "runs": runs, "delta_last": deltas}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
