@@ -14,7 +14,7 @@ import pytest
 from rich.console import Console
 
 import kdzoo.cli as cli
-from kdzoo import hookimpl
+from kdzoo import catalog, hookimpl
 from kdzoo.methods import INIT_STAGE_DEFAULTS, Method
 from kdzoo.models import NetInfo
 from kdzoo.plugins import load_plugins
@@ -181,7 +181,7 @@ def test_details_of_a_plain_method_and_an_alias(monkeypatch, tiny_registry):
 def test_init_stage_epochs_follow_the_class_defaults(monkeypatch, init_epochs, init_fraction, expected):
     cls = type("TInit", (TFeat,), {"defaults": {**TFeat.defaults, "init_epochs": init_epochs,
                                                 "init_fraction": init_fraction}})
-    assert cli.init_stage_epochs(cls) == expected
+    assert catalog.init_stage_epochs(cls) == expected
     assert cls(NET, NET).num_init_epochs(240) == expected  # what the engine would run
     registry = load_plugins(extra=[("tiny", SimpleNamespace(register_methods=hookimpl(lambda register: register(cls))))],
                             only=[])
