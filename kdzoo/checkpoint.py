@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from kdzoo import KDZooError
+from kdzoo.errors import first_line
 
 FORMAT = "kdzoo.checkpoint/1"
 
@@ -123,10 +124,6 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     atomic_write(path, lambda tmp: torch.save({"format": FORMAT, **payload}, tmp))
 
 
-def _first_line(e: BaseException) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else "no detail"
-
-
 def _refused_objects(message: str) -> str | None:
     """What torch's weights-only unpickler refused, from its error message: the globals it names
     (``os.system``, ``__main__.Payload``) or the unsupported instruction; None if it refused nothing.
@@ -173,7 +170,7 @@ def load_payload(path: str | Path, map_location: str | torch.device = "cpu",
     except pickle.UnpicklingError as e:
         refused = _refused_objects(str(e))
         if refused is None:
-            raise KDZooError(f"Checkpoint {path} cannot be read (UnpicklingError: {_first_line(e)}). It is truncated "
+            raise KDZooError(f"Checkpoint {path} cannot be read (UnpicklingError: {first_line(e)}). It is truncated "
                              f"or corrupt; {remedies.recreate}.") from e
         raise KDZooError(
             f"Checkpoint {path} contains code or objects that kdzoo will not load: {refused}. {remedies.holds}, and "
@@ -182,7 +179,7 @@ def load_payload(path: str | Path, map_location: str | torch.device = "cpu",
         ) from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         raise KDZooError(
-            f"Checkpoint {path} cannot be read ({type(e).__name__}: {_first_line(e)}). "
+            f"Checkpoint {path} cannot be read ({type(e).__name__}: {first_line(e)}). "
             f"It is truncated, corrupt, or not a PyTorch file; {remedies.recreate}."
         ) from e
 

@@ -17,7 +17,8 @@ from kdzoo.checkpoint import atomic_write, ensure_writable_dir, save_checkpoint
 from kdzoo.config import DataConfig, RunConfig
 from kdzoo.data import Data, prepare_data, train_batch_sizes
 from kdzoo.datasets import Arrays
-from kdzoo.engine import Member, Progress, Trainer, preflight, resolve_device
+from kdzoo.engine import Member, Progress, Trainer, resolve_device
+from kdzoo.preflight import preflight
 from kdzoo.methods import Method
 from kdzoo.models import KDNet, NetInfo
 from kdzoo.observers import ObservedProgress, ObserverSet, RunInfo, resolve_observers

@@ -30,7 +30,7 @@ from kdzoo.teachers import foreign_formats_hint
 
 def validate(plan: Plan, registry: Registry, train_labels: torch.Tensor | None = None) -> dict[str, int]:
     """Build every model and every method and take a dry training step of each at the smallest
-    batch it will train on (``kdzoo.engine.preflight``), before any training; refuse two method
+    batch it will train on (``kdzoo.preflight.preflight``), before any training; refuse two method
     entries that are the same run once defaults are applied.
 
     A method that cannot serve a pair (``PairNotSupported``) does not stop the benchmark: its runs for
@@ -41,7 +41,7 @@ def validate(plan: Plan, registry: Registry, train_labels: torch.Tensor | None =
     from torch.utils.flop_counter import FlopCounterMode
 
     from kdzoo.data import train_batch_sizes
-    from kdzoo.engine import preflight
+    from kdzoo.preflight import preflight
 
     shape = plan.data
     nets: dict[str, KDNet] = {}

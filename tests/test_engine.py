@@ -253,7 +253,7 @@ def test_checkpoint_with_a_code_payload_is_refused_naming_it(tmp_path):
 
 
 def test_preflight_leaves_no_trace_and_names_a_batch_too_small(registry):
-    from kdzoo.engine import preflight
+    from kdzoo.preflight import preflight
 
     student = build_student(registry, "resnet18", {}, 0, num_classes=10)  # an ImageNet net: 1x1 maps at 32x32
     method = build_method(registry, "ce", {}, student.info, None, 0)
