@@ -31,12 +31,12 @@ import kdzoo
 from kdzoo import cache_dir
 from kdzoo.checkpoint import file_lock, load_checkpoint, save_checkpoint
 from kdzoo.data import Data
-from kdzoo.engine import Member, Progress, Trainer, count_params, wants
+from kdzoo.engine import Member, Progress, Trainer, count_params
 from kdzoo.estimate import estimate_seconds
 from kdzoo.models import KDNet
 from kdzoo.observers import ObservedProgress, ObserverSet, RunInfo, resolve_observers
 from kdzoo.plan import (BASELINE, Cohort, Plan, RunSpec, TeacherJob, Variant, cached_teacher, expand,
-                        expand_variants, load_job_teacher, provenance, teacher_status)
+                        expand_variants, load_job_teacher, logit_cache_roles, provenance, teacher_status)
 from kdzoo.plugins import NATIVE_FORMAT, Registry
 from kdzoo.records import BenchRecord, BestEpoch, RunRecord, Scores, TeacherRecord, TeacherRef
 from kdzoo.runner import build_method, build_student, data_info, environment, save_run_checkpoint
@@ -192,13 +192,6 @@ def _observe_teacher(job: TeacherJob, run_id: str, member: Member, ctx: Context)
     return ObservedProgress(ctx.progress, {member.label: observers}, [member])
 
 
-def _reads_logits_only(cohort: Cohort, registry: Registry) -> bool:
-    """Whether ``cohort`` needs nothing of its teacher but its logits: it could read them from the cache of
-    another cohort of the same teacher and seed (kdzoo.logit_cache), which is then worth keeping."""
-    users = [m for m in (registry.method(r.variant.method) for r in cohort.runs) if m.needs_teacher]
-    return bool(users) and not any(wants(m) for m in users)
-
-
 def run_cohort(cohort: Cohort, teacher: TeacherRecord, ctx: Context) -> None:
     """Train the cohort's unfinished runs (resuming if possible) and write one record per run."""
     ref = TeacherRef(model=cohort.teacher.model, key=cohort.teacher.key, params=teacher.params,
@@ -226,9 +219,7 @@ def run_cohort(cohort: Cohort, teacher: TeacherRecord, ctx: Context) -> None:
         members.append(Member(cohort.member_label(run), student, method,
                               origin=ctx.registry.describe_origin(run.variant.method)))
     observed = _observe(cohort, members, ctx)
-    siblings = [c for c in ctx.plan.cohorts if c.teacher.key == cohort.teacher.key and c.seed == cohort.seed]
-    keep = len(siblings) > 1 and any(_reads_logits_only(c, ctx.registry) for c in siblings)
-    logit_key = cohort.teacher.key if ctx.plan.bench.cache_teacher_logits or keep else None
+    logit_key = cohort.teacher.key if logit_cache_roles(ctx.plan, ctx.registry)[cohort.cohort_id] else None
     trainer = Trainer(members, ctx.data, cohort.recipe, teacher=teacher_net, seed=cohort.seed, device=ctx.device,
                       progress=observed or ctx.progress, teacher_key=logit_key)
     state_path = ctx.store.cohort_path(cohort.cohort_id)

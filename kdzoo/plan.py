@@ -33,6 +33,7 @@ from kdzoo import KDZooError, cache_dir
 from kdzoo.checkpoint import file_sha256
 from kdzoo.config import BenchConfig, Recipe, StudentSpec, TeacherSpec, parse
 from kdzoo.data import DataShape
+from kdzoo.engine import wants
 from kdzoo.plugins import NATIVE_FORMAT, Registry
 from kdzoo.records import RecordError, TeacherRecord, load_record
 from kdzoo.teachers import load_teacher, pretrained_teacher
@@ -312,6 +313,40 @@ def expand(bench: BenchConfig, data: DataShape, registry: Registry) -> Plan:
         for group in groups:
             cohorts.append(Cohort(cohort_id(group), teachers[t_name], seed, student_recipe, group))
     return Plan(bench, data, list(teachers.values()), cohorts, variants, pairs)
+
+
+# -- the teacher-logit cache -------------------------------------------------------------------
+def reads_logits_only(cohort: Cohort, registry: Registry) -> bool:
+    """Whether ``cohort`` needs nothing of its teacher but its logits, so that it can read them from the
+    cache another cohort of the same teacher and seed wrote (``kdzoo.logit_cache``)."""
+    users = [m for m in (registry.method(r.variant.method) for r in cohort.runs) if m.needs_teacher]
+    return bool(users) and not any(wants(m) for m in users)
+
+
+def logit_cache_roles(plan: Plan, registry: Registry) -> dict[str, str]:
+    """How each cohort uses the teacher's cached training logits when the plan's cohorts train in order:
+    ``"read"`` (it needs only the logits, and an earlier cohort of its teacher and seed wrote them),
+    ``"write"`` (it runs the teacher and keeps the logits) or ``""`` (no cache), by cohort id.
+
+    The cache is on where the benchmark asks for it (``cache_teacher_logits``) and where a teacher and seed
+    have several cohorts of which one could read it."""
+    groups: dict[tuple[str, int], list[Cohort]] = {}
+    for c in plan.cohorts:
+        groups.setdefault((c.teacher.key, c.seed), []).append(c)
+    roles: dict[str, str] = {}
+    for siblings in groups.values():
+        logits_only = {c.cohort_id: reads_logits_only(c, registry) for c in siblings}
+        on = plan.bench.cache_teacher_logits or (len(siblings) > 1 and any(logits_only.values()))
+        written = False
+        for c in siblings:
+            runs_teacher = any(registry.method(r.variant.method).needs_teacher for r in c.runs)
+            if not on or not runs_teacher:
+                roles[c.cohort_id] = ""
+            elif written and logits_only[c.cohort_id]:
+                roles[c.cohort_id] = "read"
+            else:
+                roles[c.cohort_id], written = "write", True
+    return roles
 
 
 # -- the teacher cache -------------------------------------------------------------------------

@@ -103,6 +103,61 @@ def test_plan_expansion_sweeps_and_baseline():
     assert [v.label for v in explicit.variants] == ["ce", "kd"]
 
 
+def test_logit_cache_roles_follow_the_plans_order(registry):
+    """Solo runs of one teacher and seed, in plan order: ce runs no teacher; kd runs it first and writes its
+    logits; attention needs features (it runs the teacher); dkd needs only logits and reads them. A teacher
+    and seed with one cohort keeps no logits unless the benchmark asks."""
+    from kdzoo.plan import logit_cache_roles
+
+    methods = {**TINY, "methods": ["kd", "attention", "dkd"], "seeds": [0, 1]}
+
+    def roles(plan):
+        by_id = logit_cache_roles(plan, registry)
+        return [[(r.variant.label, by_id[c.cohort_id]) for r in c.runs] for c in plan.cohorts]
+
+    solo = roles(plan_of({**methods, "cohorts": False}))
+    assert solo == [[("ce", "")], [("kd", "write")], [("attention", "write")], [("dkd", "read")]] * 2
+    assert roles(plan_of(methods)) == [[(m, "") for m in ("ce", "kd", "attention", "dkd")]] * 2
+    asked = roles(plan_of({**methods, "cache_teacher_logits": True}))
+    assert asked == [[(m, "write") for m in ("ce", "kd", "attention", "dkd")]] * 2
+    # capped: [ce, kd] writes; [attention, dkd] needs features, so it runs the teacher (and writes again)
+    assert roles(plan_of({**methods, "cohort_size": 2})) == [[("ce", "write"), ("kd", "write")],
+                                                             [("attention", "write"), ("dkd", "write")]] * 2
+    feature_only = roles(plan_of({**TINY, "methods": ["attention", "fitnets"], "cohorts": False}))
+    assert feature_only == [[("ce", "")], [("attention", "")], [("fitnets", "")]]  # none could read: off
+
+
+def test_dry_run_estimate_charges_a_cohort_reading_cached_logits_without_its_teacher(registry, monkeypatch):
+    """estimate_seconds probes a cohort that will read cached logits as such (``from_cache``), and sums every
+    probe over the cohort's images and epochs; the real probe of one runs and gives a positive cost."""
+    from kdzoo import estimate
+    from kdzoo.data import Data
+    from kdzoo.models import KDNet
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (448, 3, 32, 32), generator=g, dtype=torch.uint8)
+    y = torch.arange(448) % 10
+    data = Data(x[:384], y[:384], x[384:], y[384:])
+    plan = plan_of({**TINY, "methods": ["kd", "dkd"], "cohorts": False})
+    monkeypatch.setattr(estimate, "teacher_status", lambda job: "cached")  # time the cohorts only
+    calls = []
+
+    def fake_probe(registry, data, runs, teacher, device, recipe, steps, from_cache=False):
+        calls.append(([v.label for _, v in runs], from_cache))
+        return 0.25 if from_cache else 1.0
+
+    real_probe = estimate._probe
+    monkeypatch.setattr(estimate, "_probe", fake_probe)
+    seconds = estimate.estimate_seconds(plan, data, registry, torch.device("cpu"))
+    assert calls == [(["ce"], False), (["kd"], False), (["dkd"], True)]
+    assert seconds == pytest.approx((1.0 + 1.0 + 0.25) * 384 * 3 * 1.1)
+
+    teacher = KDNet(registry.create_model("resnet20", num_classes=10))
+    runs = [(plan.cohorts[2].runs[0].student, plan.cohorts[2].runs[0].variant)]
+    cost = real_probe(registry, data, runs, teacher, torch.device("cpu"), plan.cohorts[2].recipe, 2, True)
+    assert 0 < cost < 1
+
+
 @pytest.mark.parametrize("change, fragment", [
     ({"methods": ["kd", "kd"]}, "more than once"),
     ({"methods": [{"T": 2}]}, "methods[0] must be a method name"),
