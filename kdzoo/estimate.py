@@ -3,8 +3,9 @@
 Contract: :func:`estimate_seconds` times a few real training steps of each distinct cohort shape of a
 plan (and of each teacher still to train) on the plan's device and scales them to the full schedule. A
 cohort that will read its teacher's logits from the cache (``kdzoo.plan.logit_cache_roles``) is charged
-its probe less the teacher's forward pass, timed on the same batches. It writes nothing, touches neither the store nor the teacher cache, and imports only the plan side
-(``kdzoo.plan``), never the runner (``kdzoo.bench``).
+its probe less the teacher's forward pass, timed on the same images. It writes nothing, touches neither
+the store nor the teacher cache, and imports only the plan side (``kdzoo.plan``), never the runner
+(``kdzoo.bench``).
 """
 from __future__ import annotations
 
