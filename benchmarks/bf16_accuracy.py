@@ -1,12 +1,15 @@
 """What bf16 autocast costs in accuracy: the same runs in float32 and in bf16, side by side.
 
     KDZOO_DATA=/path/to/cifar10.npz python benchmarks/bf16_accuracy.py [--epochs 3] [--seeds 0,1]
-        [--model resnet20] [--train-size N] [--bf16 auto|native|emulated] [--json PATH]
+        [--model resnet20] [--train-size N] [--bf16 auto|native|emulated] [--runs float32,bf16,control]
+        [--json PATH]
 
-Each seed trains ``--model`` with ``ce`` on (a stratified subset of) real CIFAR-10 twice, once with
-``autocast: off`` and once with ``autocast: bf16``; everything else is identical (initial weights,
-batches, schedule). It prints the test top-1 of every run (last and best epoch) and the paired
-difference bf16 - float32 per seed.
+Each seed trains ``--model`` with ``ce`` on (a stratified subset of) real CIFAR-10 with ``autocast: off``
+(float32) and with ``autocast: bf16``; everything else is identical (initial weights, batches,
+schedule). It prints the test top-1 of every run (last and best epoch) and the paired difference
+bf16 - float32 per seed. The ``control`` run is float32 again with the channels-first memory format:
+the same arithmetic summed in another order, so its difference from float32 is what any change of
+rounding does to a short run, the yardstick for bf16's.
 
 ``--bf16 native`` uses torch's bf16 kernels. ``emulated`` keeps autocast's real bf16 path for every
 op but computes each convolution and matrix product (forward and backward) the way bf16 hardware
@@ -68,17 +71,23 @@ def native_bf16() -> str:
     return ", ".join(k for k in ("amx_bf16", "avx512_bf16") if caps.get(k))
 
 
-def run(model: str, seed: int, autocast: str, epochs: int, data: Any, registry: Any,
+#: name -> (autocast, channels_last)
+CONFIGS = {"float32": ("off", True), "bf16": ("bf16", True), "control": ("off", False)}
+
+
+def run(model: str, seed: int, config: str, epochs: int, data: Any, registry: Any,
         emulate: bool = False) -> dict[str, Any]:
+    autocast, channels_last = CONFIGS[config]
     student = build_student(registry, model, {}, seed, num_classes=10)
-    member = Member(f"{model}/{autocast}", student, build_method(registry, "ce", {}, student.info, None, seed))
-    recipe = Recipe(epochs=epochs, batch_size=128, lr=0.1, schedule="cosine", weight_decay=5e-4, autocast=autocast)
+    member = Member(f"{model}/{config}", student, build_method(registry, "ce", {}, student.info, None, seed))
+    recipe = Recipe(epochs=epochs, batch_size=128, lr=0.1, schedule="cosine", weight_decay=5e-4, autocast=autocast,
+                    channels_last=channels_last)
     t0 = time.perf_counter()
     trainer = Trainer([member], data, recipe, seed=seed)
     with EmulatedBF16() if emulate and autocast == "bf16" else contextlib.nullcontext():
         (result,) = trainer.fit()
-    return {"seed": seed, "autocast": autocast, "dtype": trainer.precision.name,
-            "emulated": emulate and autocast == "bf16", "last": result["last"]["top1"],
+    return {"seed": seed, "config": config, "autocast": autocast, "channels_last": channels_last,
+            "dtype": trainer.precision.name, "emulated": emulate and autocast == "bf16", "last": result["last"]["top1"],
             "best": result["best"]["top1"], "wall_s": time.perf_counter() - t0, "status": result["status"]}
 
 
@@ -93,8 +102,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--bf16", choices=("auto", "native", "emulated"), default="auto",
                    help="bf16 kernels: torch's own, or emulated at the kernel level (default: native only on "
                         "a CPU with AMX-BF16 or AVX512-BF16)")
+    p.add_argument("--runs", default="float32,bf16", help="which of float32, bf16, control to train per seed")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    configs = args.runs.split(",")
+    unknown = sorted(set(configs) - set(CONFIGS))
+    if unknown:
+        p.error(f"--runs: unknown {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
     native = native_bf16()
     cpu = torch.device(args.device).type == "cpu"
     emulate = args.bf16 == "emulated" or (args.bf16 == "auto" and cpu and not native)
@@ -106,17 +120,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data = prepare_data(load_cifar10(args.data), train_size=args.train_size, device=args.device)
     runs = []
     for seed in (int(s) for s in args.seeds.split(",")):
-        for autocast in ("off", "bf16"):
-            runs.append(run(args.model, seed, autocast, args.epochs, data, registry, emulate))
+        for config in configs:
+            runs.append(run(args.model, seed, config, args.epochs, data, registry, emulate))
             r = runs[-1]
-            print(f"  seed {seed} {'float32' if autocast == 'off' else 'bf16':>7}: last {r['last']:.2f}%, best "
-                  f"{r['best']:.2f}% ({r['wall_s']:.0f} s)", flush=True)
-    by = {(r["seed"], r["autocast"]): r for r in runs}
+            print(f"  seed {seed} {config:>7}: last {r['last']:.2f}%, best {r['best']:.2f}% ({r['wall_s']:.0f} s)",
+                  flush=True)
+    by = {(r["seed"], r["config"]): r for r in runs}
     seeds = sorted({r["seed"] for r in runs})
-    deltas = [by[(s, "bf16")]["last"] - by[(s, "off")]["last"] for s in seeds]
-    print(f"{args.model}, {args.epochs} epochs on {len(data.train_y):,} images, test on {len(data.test_y):,}: "
-          f"bf16 - float32 (last epoch) per seed: {', '.join(f'{d:+.2f}' for d in deltas)}; "
-          f"mean {statistics.fmean(deltas):+.2f}")
+    deltas = {c: [by[(s, c)]["last"] - by[(s, "float32")]["last"] for s in seeds]
+              for c in configs if c != "float32" and "float32" in configs}
+    print(f"{args.model}, {args.epochs} epochs on {len(data.train_y):,} images, test on {len(data.test_y):,}:")
+    for config, d in deltas.items():
+        spread = f" ± {statistics.stdev(d):.2f} (sd)" if len(d) > 1 else ""
+        print(f"  {config} - float32 (last epoch) per seed: {', '.join(f'{x:+.2f}' for x in d)}; "
+              f"mean {statistics.fmean(d):+.2f}{spread}")
     result = {"cpu": cpu_name(), "device": args.device, "native_bf16": native, "bf16_emulated": emulate,
               "model": args.model, "epochs": args.epochs, "runs": runs, "delta_last": deltas}
     if args.json:

@@ -97,13 +97,23 @@ def test_small_run_prints_paired_differences(script, cifar_path, monkeypatch, tm
     monkeypatch.setenv("KDZOO_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "bf16.json"
     result = script["main"](["--epochs", "1", "--seeds", "0", "--train-size", "2000", "--bf16", "emulated",
-                             "--json", str(out)])
+                             "--runs", "float32,bf16,control", "--json", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
-    runs = {r["autocast"]: r for r in result["runs"]}
-    assert runs["off"]["dtype"] == "float32" and not runs["off"]["emulated"]
-    assert runs["bf16"]["dtype"] == "bfloat16" and runs["bf16"]["emulated"]
+    runs = {r["config"]: r for r in result["runs"]}
+    assert (runs["float32"]["dtype"], runs["float32"]["channels_last"], runs["float32"]["emulated"]) == \
+        ("float32", True, False)
+    assert (runs["bf16"]["dtype"], runs["bf16"]["emulated"]) == ("bfloat16", True)
+    assert (runs["control"]["dtype"], runs["control"]["channels_last"]) == ("float32", False)
     for r in runs.values():
         assert r["status"] == "ok" and r["last"] > 14.0  # well above chance (10%) after one epoch
-    assert result["delta_last"] == [pytest.approx(runs["bf16"]["last"] - runs["off"]["last"])]
+    assert result["delta_last"] == {c: [pytest.approx(runs[c]["last"] - runs["float32"]["last"])]
+                                    for c in ("bf16", "control")}
     text = capsys.readouterr().out
     assert "bf16 runs: emulated" in text and "bf16 - float32 (last epoch) per seed" in text
+    assert "control - float32 (last epoch) per seed" in text
+
+
+def test_unknown_run_names_are_refused(script, capsys):
+    with pytest.raises(SystemExit) as e:
+        script["main"](["--runs", "float32,fp16"])
+    assert e.value.code == 2 and "--runs: unknown fp16; choose from float32, bf16, control" in capsys.readouterr().err
