@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from kdzoo import KDZooError
-from kdzoo.engine import check_terms, call_method, wants
+from kdzoo.engine import call_method, check_terms, wants
 from kdzoo.errors import first_line
 from kdzoo.methods import Method
 from kdzoo.models import KDNet
