@@ -36,7 +36,7 @@ from kdzoo.config import Recipe
 from kdzoo.data import prepare_data
 from kdzoo.engine import Member, Trainer
 from kdzoo.plugins import load_plugins
-from kdzoo.precision import cpu_capabilities, cpu_name
+from kdzoo.precision import cpu_name, native_bf16
 from kdzoo.runner import build_method, build_student
 from kdzoo_plugins.cifar10 import load_cifar10
 
@@ -63,12 +63,6 @@ class EmulatedBF16(TorchDispatchMode):
                 return o.to(torch.bfloat16) if isinstance(o, torch.Tensor) and o.dtype == torch.float32 else o
             return tree_map(down, func(*tree_map(up, args), **tree_map(up, kwargs)))
         return func(*args, **kwargs)
-
-
-def native_bf16() -> str:
-    """The CPU's native bf16 instructions, comma-separated, or ``""``."""
-    caps = cpu_capabilities()
-    return ", ".join(k for k in ("amx_bf16", "avx512_bf16") if caps.get(k))
 
 
 #: name -> (autocast, channels_last)
@@ -109,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unknown = sorted(set(configs) - set(CONFIGS))
     if unknown:
         p.error(f"--runs: unknown {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
-    native = native_bf16()
+    native = ", ".join(native_bf16())
     cpu = torch.device(args.device).type == "cpu"
     emulate = args.bf16 == "emulated" or (args.bf16 == "auto" and cpu and not native)
     how = "emulated (float32 accumulation, bf16 results)" if emulate else "torch's native kernels"

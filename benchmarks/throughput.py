@@ -82,7 +82,7 @@ from kdzoo_plugins.cifar10 import load_cifar10
 from kdzoo.engine import Member, Trainer, autocast_dtype, resolve_device
 from kdzoo.plugins import Registry, load_plugins
 from kdzoo.precision import choose as choose_precision
-from kdzoo.precision import cpu_capabilities, cpu_name
+from kdzoo.precision import cpu_name, native_bf16
 from kdzoo.runner import build_method, build_student
 
 TEACHER, STUDENT = "resnet56", "resnet20"
@@ -792,8 +792,7 @@ def run_benchmark(path: str, device: torch.device, s: Settings, only: tuple[str,
 
 def machine(device: torch.device) -> dict[str, Any]:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
-    caps = cpu_capabilities()
-    bf16 = ", ".join(k for k in ("amx_bf16", "avx512_bf16") if caps.get(k)) or "no native bf16 (no AMX-BF16/AVX512-BF16)"
+    bf16 = ", ".join(native_bf16()) or "no native bf16 (no AMX-BF16/AVX512-BF16)"
     return {"name": name, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(), "cpu_bf16": bf16,
             "autocast_auto": choose_precision("auto", device).name}

@@ -316,17 +316,16 @@ def expand(bench: BenchConfig, data: DataShape, registry: Registry) -> Plan:
 
 
 # -- the teacher-logit cache -------------------------------------------------------------------
-def reads_logits_only(cohort: Cohort, registry: Registry) -> bool:
-    """Whether ``cohort`` needs nothing of its teacher but its logits, so that it can read them from the
-    cache another cohort of the same teacher and seed wrote (``kdzoo.logit_cache``)."""
-    users = [m for m in (registry.method(r.variant.method) for r in cohort.runs) if m.needs_teacher]
-    return bool(users) and not any(wants(m) for m in users)
+def _teacher_users(cohort: Cohort, registry: Registry) -> list[type]:
+    """The method classes of ``cohort`` that need its teacher."""
+    return [m for m in (registry.method(r.variant.method) for r in cohort.runs) if m.needs_teacher]
 
 
 def logit_cache_roles(plan: Plan, registry: Registry) -> dict[str, str]:
-    """How each cohort uses the teacher's cached training logits when the plan's cohorts train in order:
-    ``"read"`` (it needs only the logits, and an earlier cohort of its teacher and seed wrote them),
-    ``"write"`` (it runs the teacher and keeps the logits) or ``""`` (no cache), by cohort id.
+    """How each cohort uses the teacher's cached training logits (``kdzoo.logit_cache``) when the plan's
+    cohorts train in order: ``"read"`` (it needs nothing of the teacher but its logits, and an earlier
+    cohort of its teacher and seed wrote them), ``"write"`` (it runs the teacher and keeps the logits) or
+    ``""`` (no cache), by cohort id.
 
     The cache is on where the benchmark asks for it (``cache_teacher_logits``) and where a teacher and seed
     have several cohorts of which one could read it."""
@@ -335,12 +334,12 @@ def logit_cache_roles(plan: Plan, registry: Registry) -> dict[str, str]:
         groups.setdefault((c.teacher.key, c.seed), []).append(c)
     roles: dict[str, str] = {}
     for siblings in groups.values():
-        logits_only = {c.cohort_id: reads_logits_only(c, registry) for c in siblings}
+        users = {c.cohort_id: _teacher_users(c, registry) for c in siblings}
+        logits_only = {i: bool(u) and not any(wants(m) for m in u) for i, u in users.items()}
         on = plan.bench.cache_teacher_logits or (len(siblings) > 1 and any(logits_only.values()))
         written = False
         for c in siblings:
-            runs_teacher = any(registry.method(r.variant.method).needs_teacher for r in c.runs)
-            if not on or not runs_teacher:
+            if not on or not users[c.cohort_id]:
                 roles[c.cohort_id] = ""
             elif written and logits_only[c.cohort_id]:
                 roles[c.cohort_id] = "read"

@@ -61,6 +61,12 @@ def cpu_capabilities() -> dict[str, Any]:
         return {}
 
 
+def native_bf16() -> list[str]:
+    """The CPU's native bf16 instruction sets (``amx_bf16``, ``avx512_bf16``); empty where bf16 is emulated."""
+    caps = cpu_capabilities()
+    return [k for k in ("amx_bf16", "avx512_bf16") if caps.get(k)]
+
+
 def choose(autocast: str, device: torch.device, net: nn.Module | None = None,
            input_size: tuple[int, int] = (32, 32)) -> Precision:
     """Resolve ``autocast`` ("auto", "bf16" or "off") for ``device``; ``net`` is probed where the CPU's
